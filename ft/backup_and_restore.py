@@ -1,0 +1,293 @@
+"""`ft.BackupAndRestore`: Keras's callback, made exact, atomic and multi-process aware."""
+
+from __future__ import annotations
+
+import datetime
+import numbers
+import os
+from typing import Any
+
+import keras
+import numpy as np
+
+from ft import dir_lock, errors, fit_loop, training_state
+from ft.checkpoint_store import CheckpointStore
+from ft.log import get_logger
+from ft.metadata import BackupRecord
+
+logger = get_logger()
+
+
+class BackupAndRestore(keras.callbacks.Callback):
+    """Callback to back up and restore the whole training state.
+
+    A drop-in replacement for `keras.callbacks.BackupAndRestore`. It backs up
+    the training state in `backup_dir` at the end of each epoch, or every
+    `save_freq` batches, and when training restarts after an interruption, the
+    next `Model.fit` restores the newest backup and continues from the same
+    epoch **and batch**: only the batches that were left are run, and callbacks
+    and the progress bar see their true batch index. At most one backup is
+    kept; it is deleted when `fit` completes unless `delete_checkpoint=False`.
+
+    The training state is every model variable (trainable or not: BatchNorm
+    statistics, seed generator states), every optimizer variable including
+    `iterations`, the metric accumulators, the epoch, the batch within the
+    epoch, the global step and NumPy's global random state at the start of the
+    epoch (which orders shuffled NumPy input on the JAX backend). Arrays are
+    stored with Orbax; a backup is committed atomically, after every file is
+    fsynced, and the previous one is removed only afterwards, so a crash at any
+    moment leaves a complete backup.
+
+    Note that the user is responsible for bringing jobs back after the
+    interruption, and that the model restored from a backup is expected to be
+    the same as the one that wrote it: a backup of a different model or
+    optimizer is refused with `ft.errors.IncompatibleCheckpointError`.
+
+    Example:
+
+    >>> class InterruptingCallback(keras.callbacks.Callback):
+    ...   def on_epoch_begin(self, epoch, logs=None):
+    ...     if epoch == 4:
+    ...       raise RuntimeError('Interrupting!')
+    >>> callback = ft.BackupAndRestore(backup_dir="/tmp/backup")
+    >>> model = keras.models.Sequential([keras.layers.Dense(10)])
+    >>> model.compile(keras.optimizers.SGD(), loss='mse')
+    >>> try:
+    ...   model.fit(np.arange(100).reshape(5, 20), np.zeros(5), epochs=10,
+    ...             batch_size=1, callbacks=[callback, InterruptingCallback()],
+    ...             verbose=0)
+    ... except:
+    ...   pass
+    >>> history = model.fit(np.arange(100).reshape(5, 20), np.zeros(5),
+    ...                     epochs=10, batch_size=1, callbacks=[callback],
+    ...                     verbose=0)
+    >>> # Only 6 more epochs are run, since first training got interrupted at
+    >>> # zero-indexed epoch 4, second training will continue from 4 to 9.
+    >>> len(history.history['loss'])
+    6
+
+    Args:
+        backup_dir: String or path-like, the directory where the backups are
+            stored. It must not be shared with another training run; files of
+            your own there are left alone.
+        save_freq: `"epoch"`, a positive integer, or `False`. `"epoch"` saves at
+            the end of each epoch; an integer saves every `save_freq` batches
+            (counted across epochs). `False` saves only before preemption and
+            requires `save_before_preemption=True`. Defaults to `"epoch"`.
+        delete_checkpoint: Boolean. If `True`, the backup is deleted when
+            `fit` completes. Use `False` to keep it. Defaults to `True`.
+        save_before_preemption: Boolean. If `True`, a SIGTERM makes training
+            save a backup at the next batch boundary and leave `fit`.
+            Defaults to `False`.
+    """
+
+    def __init__(
+        self,
+        backup_dir: str | os.PathLike[str],
+        save_freq: str | int | bool = "epoch",
+        delete_checkpoint: bool = True,
+        save_before_preemption: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backup_dir, (str, os.PathLike)) or not os.fspath(backup_dir):
+            raise ValueError(
+                "Invalid value for argument `backup_dir`. "
+                f"Received: backup_dir={backup_dir!r}. Expected a non-empty path "
+                "(a string or os.PathLike) of a directory for the backups."
+            )
+        _check_save_freq(save_freq, save_before_preemption)
+        self.backup_dir = os.fspath(backup_dir)
+        self.save_freq = save_freq
+        self.delete_checkpoint = delete_checkpoint
+        self.save_before_preemption = bool(save_before_preemption)
+        self.restored: dict[str, Any] | None = None
+        self._store = CheckpointStore(self.backup_dir)
+        self._epoch_iterator: Any = None
+        self._step = 0
+        self._last_saved_step = 0
+        self._epoch = 0
+        self._batch = 0
+        self._resume: BackupRecord | None = None
+        self._pending_metrics: list[np.ndarray] | None = None
+        self._epoch_rng: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------- fit hooks
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        model = self.model
+        self._store.prepare()
+        dir_lock.acquire(self._store.directory)
+        self._store.remove_partial()
+        self._epoch_iterator = fit_loop.find_epoch_iterator(model)
+        self._step = self._last_saved_step = self._batch = 0
+        self._resume = None
+        self._pending_metrics = None
+        found = self._store.latest()
+        if found is not None:
+            self._restore(*found)
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        model = self.model
+        self._epoch, self._batch = epoch, 0
+        resume, self._resume = self._resume, None
+        model._initial_epoch = None  # honoured once, by this fit only
+        if resume is not None and resume.epoch == epoch:
+            if resume.rng is not None:
+                _set_numpy_rng(resume.rng)
+            if self._pending_metrics is not None:
+                training_state.assign(model.metrics_variables, self._pending_metrics)
+            if resume.batch or resume.data_position:
+                if self._epoch_iterator is None:
+                    logger.warning(
+                        "Resuming epoch %d at batch 0, not batch %d: this Keras "
+                        "version's fit loop could not be hooked.", epoch, resume.batch
+                    )
+                else:
+                    fit_loop.start_next_epoch_at(
+                        self._epoch_iterator, resume.batch, resume.data_position
+                    )
+                    self._batch = resume.batch
+        self._pending_metrics = None
+        self._epoch_rng = _numpy_rng()
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        done = batch + 1
+        self._step += max(done - self._batch, 0)
+        self._batch = done
+        if isinstance(self.save_freq, bool) or self.save_freq == "epoch":
+            return
+        if self._step // self.save_freq > self._last_saved_step // self.save_freq:
+            self._save(epoch=self._epoch, batch=done, at_epoch_end=False)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.save_freq == "epoch":
+            self._save(epoch=epoch + 1, batch=0, at_epoch_end=True)
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self.model._initial_epoch = None
+        if self.delete_checkpoint:
+            self._store.delete()
+        dir_lock.release(self._store.directory)
+
+    # --------------------------------------------------------------- helpers
+    def _save(self, epoch: int, batch: int, at_epoch_end: bool) -> None:
+        variables = training_state.live_variables(self.model)
+        arrays = training_state.snapshot(variables)
+        record = BackupRecord(
+            epoch=epoch,
+            batch=batch,
+            step=self._step,
+            data_position=fit_loop.data_position(self._epoch_iterator, at_epoch_end),
+            backend=keras.backend.backend(),
+            num_processes=1,
+            written_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            variables=training_state.manifest_to_json(training_state.manifest(variables)),
+            rng=_numpy_rng() if at_epoch_end else self._epoch_rng,
+        )
+        path = self._store.write(record, arrays)
+        self._last_saved_step = self._step
+        logger.debug("committed epoch %d, batch %d (step %d) to %s", epoch, batch, self._step, path)
+
+    def _restore(self, path: str, record: BackupRecord) -> None:
+        model = self.model
+        _ensure_built(model, self._epoch_iterator)
+        variables = training_state.live_variables(model)
+        live = training_state.manifest(variables)
+        saved = training_state.manifest_from_json(record.variables)
+        training_state.check_compatible(saved, live, where=path)
+        target = {
+            group: [np.zeros(s.shape, dtype=s.dtype) for s in saved[group]]
+            for group in training_state.GROUPS
+        }
+        arrays = self._store.read_arrays(path, target)
+        training_state.assign(variables["model"], arrays["model"])
+        training_state.assign(variables["optimizer"], arrays["optimizer"])
+        if training_state.first_mismatch(saved["metrics"], live["metrics"]) is None:
+            self._pending_metrics = list(arrays["metrics"])
+        self._step = self._last_saved_step = record.step
+        self._resume = record
+        model._initial_epoch = record.epoch
+        self.restored = {
+            "epoch": record.epoch,
+            "batch": record.batch,
+            "step": record.step,
+            "path": path,
+        }
+        logger.info(
+            "restored epoch %d, batch %d (step %d) from %s",
+            record.epoch, record.batch, record.step, path,
+        )
+
+
+def _check_save_freq(save_freq: Any, save_before_preemption: bool) -> None:
+    if save_freq is False:
+        if save_before_preemption:
+            return
+        raise ValueError(
+            "Invalid value for argument `save_freq`. Received: save_freq=False "
+            "with save_before_preemption=False, which would never save. Expected "
+            '"epoch" or a positive integer, or pass save_before_preemption=True to '
+            "save only when the job is preempted."
+        )
+    valid_int = (
+        isinstance(save_freq, numbers.Integral)
+        and not isinstance(save_freq, bool)
+        and int(save_freq) > 0
+    )
+    if not (valid_int or (isinstance(save_freq, str) and save_freq == "epoch")):
+        raise ValueError(
+            "Invalid value for argument `save_freq`. "
+            f"Received: save_freq={save_freq!r}. "
+            'Expected "epoch" (save at the end of each epoch), a positive integer '
+            "(save every that many batches), or False together with "
+            "save_before_preemption=True."
+        )
+
+
+def _numpy_rng() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    return {
+        "bit_generator": str(name),
+        "keys": [int(k) for k in keys],
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def _set_numpy_rng(state: dict[str, Any]) -> None:
+    np.random.set_state(
+        (
+            state["bit_generator"],
+            np.asarray(state["keys"], dtype=np.uint32),
+            state["pos"],
+            state["has_gauss"],
+            state["cached_gaussian"],
+        )
+    )
+
+
+def _ensure_built(model: Any, epoch_iterator: Any) -> None:
+    """Create every variable a restore assigns, as `fit` would at its first step.
+
+    Keras's TensorFlow trainer defers building an unbuilt model to the first
+    traced step, after `on_train_begin`; the JAX trainer builds before it.
+    """
+    unbuilt = not all(layer.built for layer in model._flatten_layers())
+    metrics = getattr(model, "_compile_metrics", None)
+    loss = getattr(model, "_compile_loss", None)
+    if unbuilt or (metrics is not None and not metrics.built) or (
+        loss is not None and not loss.built
+    ):
+        spec = None
+        if epoch_iterator is not None and hasattr(epoch_iterator, "_distributed_dataset"):
+            spec = epoch_iterator._distributed_dataset.element_spec
+        if spec is None:
+            raise errors.UnsupportedConfigurationError(
+                f"The model {model.name} is not built, so the backup cannot be restored "
+                "into it. Build it before calling fit(), e.g. by calling it on a batch "
+                "of data or with `model.build(input_shape)`."
+            )
+        model._symbolic_build(data_batch=spec)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and not optimizer.built:
+        optimizer.build(model.trainable_variables)

@@ -1,0 +1,261 @@
+"""Backups on disk: Orbax writes the arrays, ft commits them atomically and durably.
+
+Layout of `backup_dir`::
+
+    ft-step-0000000012/      a committed backup, named by its global step
+        state/               Orbax checkpoint of the arrays
+        ft-backup.json       the record (metadata.BackupRecord), written last
+    .ft-tmp-<step>-<id>/     a backup being written: never read, removed on restart
+    .ft-trash-<id>/          a replaced backup being deleted: never read
+    .ft-lock                 held by the live run (dir_lock)
+
+A backup is written under a temporary name, every file is fsynced and its
+size and CRC32 recorded, the record is written and fsynced, and only then is
+the directory renamed to its committed name and the parent fsynced. The
+previous backup is removed after that, so a SIGKILL at any moment leaves at
+least one committed, complete backup (once the first one exists).
+
+Writing methods are called by the primary process only; reading methods on
+every process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import uuid
+import zlib
+from typing import Any
+
+from ft import errors
+from ft.metadata import FILENAME as RECORD_NAME
+from ft.metadata import BackupRecord
+
+logger = logging.getLogger("ft")
+
+PREFIX = "ft-step-"
+TMP_PREFIX = ".ft-tmp-"
+TRASH_PREFIX = ".ft-trash-"
+ARRAYS = "state"
+_COMMITTED = re.compile(r"^ft-step-(\d+)$")
+_CHUNK = 8 << 20
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _crc32_and_sync(path: str) -> tuple[int, int]:
+    """CRC32 and size of a file, fsyncing it on the way."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+        os.fsync(f.fileno())
+    return crc, size
+
+
+def _crc32(path: str) -> tuple[int, int]:
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return crc, size
+
+
+class CheckpointStore:
+    """The backups of one `backup_dir`.
+
+    Args:
+        backup_dir: String or path-like, the directory that holds the backups.
+    """
+
+    def __init__(self, backup_dir: str | os.PathLike[str]) -> None:
+        self.directory = os.path.abspath(os.fspath(backup_dir))
+        self._checkpointer: Any = None
+
+    # ------------------------------------------------------------------ writer
+    def prepare(self) -> None:
+        """Create `backup_dir` and prove it writable. Primary process only.
+
+        Raises:
+            BackupDirNotWritableError: when it cannot be created or written.
+        """
+        probe = os.path.join(self.directory, f"{TMP_PREFIX}probe-{uuid.uuid4().hex}")
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"ft")
+                os.fsync(f.fileno())
+            os.remove(probe)
+        except OSError as e:
+            raise errors.BackupDirNotWritableError(
+                f"backup_dir {self.directory} is not a writable directory ({e.strerror or e}). "
+                "Backups could not be saved there: choose a directory this process can "
+                "create and write, or fix its permissions, before training."
+            ) from e
+
+    def remove_partial(self) -> None:
+        """Delete what an interrupted save or deletion left behind. Primary process only."""
+        for name in self._names():
+            if name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def write(self, record: BackupRecord, arrays: Any) -> str:
+        """Commit a backup of `arrays` described by `record`. Primary process only.
+
+        Returns:
+            The committed backup's directory. When a backup of the same step is
+            already committed it is kept as is (same step, same state).
+        """
+        final = os.path.join(self.directory, f"{PREFIX}{record.step:010d}")
+        if os.path.isdir(final):
+            return final
+        tmp = os.path.join(self.directory, f"{TMP_PREFIX}{record.step}-{uuid.uuid4().hex[:12]}")
+        os.makedirs(tmp)
+        checkpointer = self._orbax()
+        checkpointer.save(os.path.join(tmp, ARRAYS), arrays)
+        checkpointer.wait_until_finished()
+        record.files = {}
+        for root, dirs, files in os.walk(tmp):
+            for name in files:
+                path = os.path.join(root, name)
+                crc, size = _crc32_and_sync(path)
+                record.files[os.path.relpath(path, tmp)] = {"size": size, "crc32": crc}
+            for name in dirs:
+                _fsync_path(os.path.join(root, name), directory=True)
+        with open(os.path.join(tmp, RECORD_NAME), "w", encoding="utf-8") as f:
+            f.write(record.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_path(tmp, directory=True)
+        os.rename(tmp, final)
+        _fsync_path(self.directory, directory=True)
+        for older in self.committed()[1:]:
+            self._discard(older)
+        return final
+
+    def delete(self) -> None:
+        """Remove every file ft wrote, never the user's own. Primary process only.
+
+        `backup_dir` itself is removed only when nothing else is left in it.
+        """
+        if not os.path.isdir(self.directory):
+            return
+        for name in self._names():
+            if _COMMITTED.match(name) or name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        from ft import dir_lock
+
+        dir_lock.release(self.directory)
+        lock = os.path.join(self.directory, dir_lock.LOCK_NAME)
+        if os.path.exists(lock):
+            os.remove(lock)
+        try:
+            os.rmdir(self.directory)
+        except OSError:
+            pass  # the user keeps files of their own there
+
+    def _discard(self, path: str) -> None:
+        trash = os.path.join(self.directory, f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}")
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # ----------------------------------------------------------------- readers
+    def committed(self) -> list[str]:
+        """Committed backup directories, newest first. Call on any process."""
+        found = []
+        for name in self._names():
+            match = _COMMITTED.match(name)
+            if match and os.path.isdir(os.path.join(self.directory, name)):
+                found.append((int(match.group(1)), os.path.join(self.directory, name)))
+        return [path for _, path in sorted(found, reverse=True)]
+
+    def latest(self) -> tuple[str, BackupRecord] | None:
+        """The newest intact backup and its record, or None when there is none.
+
+        Call on any process. Every file is checked against its recorded size and
+        CRC32; a damaged backup is skipped for an older intact one.
+
+        Raises:
+            CheckpointCorruptedError: when backups exist but none is intact.
+        """
+        failure: errors.CheckpointCorruptedError | None = None
+        for path in self.committed():
+            try:
+                return path, self.verify(path)
+            except errors.CheckpointCorruptedError as e:
+                logger.warning("%s", e)
+                failure = failure or e
+        if failure is not None:
+            raise failure
+        return None
+
+    def read_record(self, path: str) -> BackupRecord:
+        """The record of the backup in `path`, without checking its data files."""
+        record_path = os.path.join(path, RECORD_NAME)
+        try:
+            with open(record_path, encoding="utf-8") as f:
+                return BackupRecord.from_json(f.read())
+        except (OSError, ValueError) as e:
+            raise self._corrupted(path, record_path, f"its record cannot be read ({e})") from e
+
+    def verify(self, path: str) -> BackupRecord:
+        """Check every file of the backup in `path`; return its record.
+
+        Raises:
+            CheckpointCorruptedError: naming the backup directory and the first
+                missing, truncated or altered file.
+        """
+        record = self.read_record(path)
+        for relative, expected in sorted(record.files.items()):
+            file_path = os.path.join(path, relative)
+            if not os.path.isfile(file_path):
+                raise self._corrupted(path, file_path, "the file is missing")
+            size = os.path.getsize(file_path)
+            if size != expected["size"]:
+                raise self._corrupted(
+                    path, file_path, f"it has {size} bytes, {expected['size']} were written"
+                )
+            crc, _ = _crc32(file_path)
+            if crc != expected["crc32"]:
+                raise self._corrupted(path, file_path, "its checksum does not match")
+        return record
+
+    def read_arrays(self, path: str, target: Any) -> Any:
+        """Load the arrays of the backup in `path` shaped like `target`. Any process."""
+        return self._orbax().restore(os.path.join(path, ARRAYS), target)
+
+    # ----------------------------------------------------------------- helpers
+    def _names(self) -> list[str]:
+        try:
+            return os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+
+    def _orbax(self) -> Any:
+        if self._checkpointer is None:
+            import orbax.checkpoint as ocp
+
+            self._checkpointer = ocp.StandardCheckpointer()
+        return self._checkpointer
+
+    def _corrupted(self, path: str, file_path: str, why: str) -> errors.CheckpointCorruptedError:
+        return errors.CheckpointCorruptedError(
+            f"The backup {path} in backup_dir {self.directory} is damaged: file "
+            f"{file_path}: {why}. It was not loaded. Restore the file, or delete "
+            f"{path} to resume from an older backup (or from scratch when there is none)."
+        )
+
+    def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None

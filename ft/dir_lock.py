@@ -1,0 +1,53 @@
+"""One live training run per `backup_dir`: an advisory lock held for the whole run.
+
+Primary process only. The lock is an `flock` on `backup_dir/.ft-lock`: the
+kernel drops it when the holder dies, SIGKILL included, so a crashed run never
+blocks its own restart. Within one process the lock is re-entrant, so a `fit`
+that raised can be called again (the reference page's own example does).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+from ft import errors
+
+LOCK_NAME = ".ft-lock"
+
+# realpath of the lock file -> open descriptor holding the flock, in this process.
+_held: dict[str, int] = {}
+
+
+def acquire(directory: str) -> None:
+    """Hold the lock of `directory` or raise `BackupDirInUseError`."""
+    path = os.path.realpath(os.path.join(directory, LOCK_NAME))
+    if path in _held:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+        os.close(fd)
+        raise errors.BackupDirInUseError(
+            f"backup_dir {directory} is in use by another live training run "
+            f"(lock {path}, held by {holder}). Two runs on one backup_dir would "
+            "overwrite each other's backups: give each run its own backup_dir, or "
+            "stop the other run first."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+    _held[path] = fd
+
+
+def release(directory: str) -> None:
+    """Release the lock of `directory` if this process holds it."""
+    path = os.path.realpath(os.path.join(directory, LOCK_NAME))
+    fd = _held.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def is_held(directory: str) -> bool:
+    return os.path.realpath(os.path.join(directory, LOCK_NAME)) in _held

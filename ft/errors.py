@@ -1,0 +1,49 @@
+"""Errors raised by ft.
+
+Every error subclasses `FTError` and a built-in exception, so callers can catch
+either (`except OSError` keeps working for storage problems, `except ValueError`
+for bad input). Messages say what was wrong, what was found, what was expected
+and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class FTError(Exception):
+    """Base class of every error raised by ft."""
+
+
+class CheckpointCorruptedError(FTError, OSError):
+    """A backup on disk is truncated, corrupted or unreadable.
+
+    Raised instead of loading it silently. The message names the backup
+    directory and the damaged file.
+    """
+
+
+class IncompatibleCheckpointError(FTError, ValueError):
+    """A backup was written by a different model or optimizer.
+
+    The message names the backup directory and the first mismatching variable
+    (path, shape or dtype).
+    """
+
+
+class BackupDirNotWritableError(FTError, PermissionError):
+    """`backup_dir` cannot be created or written; raised at train begin."""
+
+
+class BackupDirInUseError(FTError, RuntimeError):
+    """Another live training run holds the same `backup_dir`."""
+
+
+class BarrierTimeoutError(FTError, TimeoutError):
+    """A cross-process wait did not complete within its timeout."""
+
+
+class PeerLostError(FTError, RuntimeError):
+    """A peer worker died or stopped answering."""
+
+
+class UnsupportedConfigurationError(FTError, ValueError):
+    """ft cannot honour the requested combination of arguments or environment."""

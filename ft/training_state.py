@@ -1,0 +1,145 @@
+"""What a backup holds about the model: the variables, their manifest, host snapshots.
+
+Runs on every process. Backend-neutral: variables are Keras variables, values
+are copied to host numpy arrays before they are handed to storage.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ft import errors
+
+# The groups of variables a backup holds, in the order they are saved.
+# `model` is every model variable, trainable or not (BatchNorm statistics and
+# seed generator states included); `optimizer` includes `iterations`;
+# `metrics` lets a mid-epoch resume report the same epoch logs.
+GROUPS = ("model", "optimizer", "metrics")
+
+# Auto-generated Keras names carry a per-process counter ("dense_3"): a model
+# rebuilt in a fresh process, or a second model in the same one, gets other
+# numbers for the same architecture, so paths are compared without them.
+_AUTO_SUFFIX = re.compile(r"_\d+(?=$|/|_)")
+
+
+@dataclass(frozen=True)
+class VariableSpec:
+    """Path, shape and dtype of one saved variable."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VariableSpec:
+        return cls(str(data["path"]), tuple(int(d) for d in data["shape"]), str(data["dtype"]))
+
+    def matches(self, other: VariableSpec) -> bool:
+        return (
+            normalized_path(self.path) == normalized_path(other.path)
+            and self.shape == other.shape
+            and self.dtype == other.dtype
+        )
+
+
+def normalized_path(path: str) -> str:
+    """`path` without Keras's auto-numbering suffixes (`dense_2` -> `dense`)."""
+    return _AUTO_SUFFIX.sub("", path)
+
+
+def live_variables(model: Any) -> dict[str, list[Any]]:
+    """The variables of `model` grouped as a backup stores them.
+
+    Call on every process. The optimizer must already be built.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    return {
+        "model": list(model.trainable_variables) + list(model.non_trainable_variables),
+        "optimizer": list(optimizer.variables) if optimizer is not None else [],
+        "metrics": list(model.metrics_variables),
+    }
+
+
+def _spec(variable: Any) -> VariableSpec:
+    from keras import backend
+
+    return VariableSpec(
+        path=str(variable.path),
+        shape=tuple(int(d) for d in variable.shape),
+        dtype=backend.standardize_dtype(variable.dtype),
+    )
+
+
+def manifest(variables: dict[str, list[Any]]) -> dict[str, list[VariableSpec]]:
+    """The specs of `variables`, group by group."""
+    return {group: [_spec(v) for v in variables[group]] for group in GROUPS}
+
+
+def manifest_to_json(specs: dict[str, list[VariableSpec]]) -> dict[str, Any]:
+    return {group: [s.to_json() for s in specs[group]] for group in GROUPS}
+
+
+def manifest_from_json(data: dict[str, Any]) -> dict[str, list[VariableSpec]]:
+    return {group: [VariableSpec.from_json(d) for d in data.get(group, [])] for group in GROUPS}
+
+
+def snapshot(variables: dict[str, list[Any]]) -> dict[str, list[np.ndarray]]:
+    """Host copies of every variable's value; safe to keep while training goes on."""
+    from keras import ops
+
+    return {
+        group: [np.array(ops.convert_to_numpy(v.value), copy=True) for v in variables[group]]
+        for group in GROUPS
+    }
+
+
+def first_mismatch(
+    saved: list[VariableSpec], live: list[VariableSpec]
+) -> tuple[int, VariableSpec | None, VariableSpec | None] | None:
+    """The first position where two variable lists differ, or None if they match."""
+    for index in range(max(len(saved), len(live))):
+        s = saved[index] if index < len(saved) else None
+        v = live[index] if index < len(live) else None
+        if s is None or v is None or not s.matches(v):
+            return index, s, v
+    return None
+
+
+def check_compatible(
+    saved: dict[str, list[VariableSpec]],
+    live: dict[str, list[VariableSpec]],
+    where: str,
+    groups: tuple[str, ...] = ("model", "optimizer"),
+) -> None:
+    """Raise `IncompatibleCheckpointError` unless `saved` fits `live` in `groups`."""
+    for group in groups:
+        found = first_mismatch(saved[group], live[group])
+        if found is None:
+            continue
+        index, s, v = found
+        backed_up = _describe(s) if s else f"nothing (the backup has {len(saved[group])})"
+        current = _describe(v) if v else f"nothing (the model has {len(live[group])})"
+        raise errors.IncompatibleCheckpointError(
+            f"The backup in {where} was written by a different model or optimizer. "
+            f"First mismatch in the {group} variables, at position {index}: the backup "
+            f"has {backed_up}, the current model has {current}. Restore with the same "
+            "model, compile arguments and optimizer that wrote the backup, or point "
+            "`backup_dir` at an empty directory (or delete this one) to start afresh."
+        )
+
+
+def _describe(spec: VariableSpec) -> str:
+    return f"`{spec.path}` with shape {spec.shape} and dtype {spec.dtype}"
+
+
+def assign(variables: list[Any], values: list[np.ndarray]) -> None:
+    """Assign restored values to live variables, one to one."""
+    for variable, value in zip(variables, values, strict=True):
+        variable.assign(value)

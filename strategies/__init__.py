@@ -1,0 +1,3 @@
+"""Engine adapters, imported as `ft.strategies`."""
+
+from __future__ import annotations
