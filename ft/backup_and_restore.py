@@ -156,7 +156,12 @@ class BackupAndRestore(keras.callbacks.Callback):
         if isinstance(self.save_freq, bool) or self.save_freq == "epoch":
             return
         if self._step // self.save_freq > self._last_saved_step // self.save_freq:
-            self._save(epoch=self._epoch, batch=done, at_epoch_end=False)
+            if done == _num_batches(self._epoch_iterator):
+                # The epoch's last batch: resume at the next epoch's start (a
+                # Keras epoch with no batch left to run cannot end cleanly).
+                self._save(epoch=self._epoch + 1, batch=0, at_epoch_end=True)
+            else:
+                self._save(epoch=self._epoch, batch=done, at_epoch_end=False)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self.save_freq == "epoch":
@@ -201,7 +206,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         arrays = self._store.read_arrays(path, target)
         training_state.assign(variables["model"], arrays["model"])
         training_state.assign(variables["optimizer"], arrays["optimizer"])
-        if training_state.first_mismatch(saved["metrics"], live["metrics"]) is None:
+        if record.batch and training_state.first_mismatch(saved["metrics"], live["metrics"]) is None:
             self._pending_metrics = list(arrays["metrics"])
         self._step = self._last_saved_step = record.step
         self._resume = record
@@ -241,6 +246,10 @@ def _check_save_freq(save_freq: Any, save_before_preemption: bool) -> None:
             "(save every that many batches), or False together with "
             "save_before_preemption=True."
         )
+
+
+def _num_batches(epoch_iterator: Any) -> int | None:
+    return None if epoch_iterator is None else epoch_iterator.num_batches
 
 
 def _numpy_rng() -> dict[str, Any]:

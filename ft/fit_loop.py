@@ -48,7 +48,9 @@ def data_position(epoch_iterator: Any, at_epoch_end: bool) -> int:
     if epoch_iterator is None:
         return 0
     if at_epoch_end and (
-        epoch_iterator.steps_per_epoch is None or epoch_iterator._current_iterator is None
+        epoch_iterator.steps_per_epoch is None
+        or epoch_iterator._current_iterator is None
+        or (epoch_iterator._num_batches and epoch_iterator._steps_seen >= epoch_iterator._num_batches)
     ):
         return 0
     return int(epoch_iterator._steps_seen)

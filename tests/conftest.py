@@ -1,0 +1,19 @@
+"""Tests run in-process on one backend (jax unless KERAS_BACKEND says otherwise);
+tests that need both backends run `tests/scenario.py` in processes of their own."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+BACKENDS = ("tensorflow", "jax")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)

@@ -1,0 +1,62 @@
+"""Run `tests/scenario.py` in a process of its own and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIO = ROOT / "tests" / "scenario.py"
+
+
+def engine_env(backend: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        KERAS_BACKEND=backend,
+        JAX_PLATFORMS="cpu",
+        CUDA_VISIBLE_DEVICES="",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    env.update(extra)
+    return env
+
+
+def run_scenario(
+    backend: str, out: Path, *args: str, expect_rc: int | None = 0, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    """Run the scenario; assert on its exit code unless `expect_rc` is None."""
+    proc = subprocess.run(
+        [sys.executable, str(SCENARIO), "--out", str(out), *args],
+        env=engine_env(backend),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if expect_rc is not None:
+        assert proc.returncode == expect_rc, (
+            f"scenario exited {proc.returncode}, expected {expect_rc}\n"
+            f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def weights(out: Path) -> dict[str, np.ndarray]:
+    with np.load(out, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def report(out: Path) -> dict[str, Any]:
+    return json.loads(Path(str(out) + ".json").read_text())
+
+
+def assert_same_weights(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)

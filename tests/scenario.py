@@ -1,0 +1,160 @@
+"""A small, deterministic training run driven by tests in a process of its own.
+
+    KERAS_BACKEND=jax python tests/scenario.py --backup-dir D --out W.npz [options]
+
+Trains an MLP with BatchNormalization and Dropout under Adam, with
+`ft.BackupAndRestore` unless `--no-backup`, and writes the final weights and a
+JSON report (restored point, batches seen, history). `--crash-at-step N`
+raises inside `fit` after global step N; `--kill-at-step N` SIGKILLs the
+process there, and `--kill-during-save` SIGKILLs it inside the N-th save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import ft  # noqa: E402
+
+SAMPLES, FEATURES, BATCH = 96, 8, 8
+
+
+def make_data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(SAMPLES, FEATURES)).astype("float32")
+    y = (x @ rng.normal(size=(FEATURES, 1)) + 0.1 * rng.normal(size=(SAMPLES, 1))).astype("float32")
+    return x, y
+
+
+def make_model() -> keras.Model:
+    keras.utils.set_random_seed(1234)
+    model = keras.Sequential(
+        [
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.25),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(1e-2), loss="mse", metrics=["mae"])
+    return model
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records batches, and crashes or dies at a chosen global step."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.args = args
+        self.seen: list[list[int]] = []
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.seen.append([self.epoch, batch])
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = len(self.seen) + self.args.steps_before
+        print(f"step {step}", flush=True)
+        if self.args.kill_at_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.args.crash_at_step == step:
+            raise RuntimeError(f"crash at step {step}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backup-dir")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--save-freq", default="epoch")
+    parser.add_argument("--input", choices=["numpy", "numpy-shuffle", "tfdata", "steps"], default="numpy")
+    parser.add_argument("--crash-at-step", type=int)
+    parser.add_argument("--kill-at-step", type=int)
+    parser.add_argument("--kill-during-save", type=int, help="SIGKILL inside the N-th save")
+    parser.add_argument("--steps-before", type=int, default=0, help="steps done by earlier runs")
+    parser.add_argument("--keep", action="store_true", help="delete_checkpoint=False")
+    parser.add_argument("--no-backup", action="store_true")
+    args = parser.parse_args()
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    x, y = make_data()
+    model = make_model()
+    callbacks: list[keras.callbacks.Callback] = []
+    backup = None
+    if not args.no_backup:
+        freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
+        backup = ft.BackupAndRestore(args.backup_dir, save_freq=freq, delete_checkpoint=not args.keep)
+        callbacks.append(backup)
+        if args.kill_during_save:
+            _kill_inside_save(backup, args.kill_during_save)
+    recorder = Recorder(args)
+    callbacks.append(recorder)
+    fit_kwargs = dict(epochs=args.epochs, callbacks=callbacks, verbose=0)
+    if args.input == "tfdata":
+        import tensorflow as tf
+
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+        history = model.fit(data, **fit_kwargs)
+    elif args.input == "steps":
+        import tensorflow as tf
+
+        data = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(BATCH)
+        history = model.fit(data, steps_per_epoch=5, **fit_kwargs)
+    else:
+        history = model.fit(
+            x, y, batch_size=BATCH, shuffle=args.input == "numpy-shuffle", **fit_kwargs
+        )
+    weights = {f"w{i:03d}": np.asarray(w) for i, w in enumerate(model.get_weights())}
+    weights["iterations"] = np.asarray(model.optimizer.iterations)
+    np.savez(args.out, **weights)
+    report = {
+        "restored": backup.restored if backup else None,
+        "seen": recorder.seen,
+        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+        "backup_dir_exists": bool(args.backup_dir) and os.path.exists(args.backup_dir),
+    }
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f)
+
+
+def _kill_inside_save(backup: ft.BackupAndRestore, nth: int) -> None:
+    """SIGKILL the process after the N-th save wrote its arrays, before it commits."""
+    store = backup._store
+    original = store._orbax
+    calls = {"n": 0}
+
+    class Dying:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def save(self, *a, **k):
+            return self.inner.save(*a, **k)
+
+        def wait_until_finished(self):
+            self.inner.wait_until_finished()
+            calls["n"] += 1
+            if calls["n"] == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    store._orbax = lambda: Dying(original())  # type: ignore[method-assign]
+
+
+if __name__ == "__main__":
+    main()
