@@ -37,4 +37,4 @@ def _map_source_strategies() -> None:
 
 
 _map_source_strategies()
-from ft import strategies  # noqa: E402
+from ft import strategies  # type: ignore[attr-defined]  # noqa: E402

@@ -139,7 +139,9 @@ class BackupAndRestore(keras.callbacks.Callback):
                 if self._epoch_iterator is None:
                     logger.warning(
                         "Resuming epoch %d at batch 0, not batch %d: this Keras "
-                        "version's fit loop could not be hooked.", epoch, resume.batch
+                        "version's fit loop could not be hooked.",
+                        epoch,
+                        resume.batch,
                     )
                 else:
                     fit_loop.start_next_epoch_at(
@@ -153,9 +155,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         done = batch + 1
         self._step += max(done - self._batch, 0)
         self._batch = done
-        if isinstance(self.save_freq, bool) or self.save_freq == "epoch":
+        if isinstance(self.save_freq, (bool, str)):
             return
-        if self._step // self.save_freq > self._last_saved_step // self.save_freq:
+        freq = int(self.save_freq)
+        if self._step // freq > self._last_saved_step // freq:
             if done == _num_batches(self._epoch_iterator):
                 # The epoch's last batch: resume at the next epoch's start (a
                 # Keras epoch with no batch left to run cannot end cleanly).
@@ -206,7 +209,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         arrays = self._store.read_arrays(path, target)
         training_state.assign(variables["model"], arrays["model"])
         training_state.assign(variables["optimizer"], arrays["optimizer"])
-        if record.batch and training_state.first_mismatch(saved["metrics"], live["metrics"]) is None:
+        if (
+            record.batch
+            and training_state.first_mismatch(saved["metrics"], live["metrics"]) is None
+        ):
             self._pending_metrics = list(arrays["metrics"])
         self._step = self._last_saved_step = record.step
         self._resume = record
@@ -219,7 +225,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         }
         logger.info(
             "restored epoch %d, batch %d (step %d) from %s",
-            record.epoch, record.batch, record.step, path,
+            record.epoch,
+            record.batch,
+            record.step,
+            path,
         )
 
 
@@ -284,8 +293,10 @@ def _ensure_built(model: Any, epoch_iterator: Any) -> None:
     unbuilt = not all(layer.built for layer in model._flatten_layers())
     metrics = getattr(model, "_compile_metrics", None)
     loss = getattr(model, "_compile_loss", None)
-    if unbuilt or (metrics is not None and not metrics.built) or (
-        loss is not None and not loss.built
+    if (
+        unbuilt
+        or (metrics is not None and not metrics.built)
+        or (loss is not None and not loss.built)
     ):
         spec = None
         if epoch_iterator is not None and hasattr(epoch_iterator, "_distributed_dataset"):

@@ -50,7 +50,10 @@ def data_position(epoch_iterator: Any, at_epoch_end: bool) -> int:
     if at_epoch_end and (
         epoch_iterator.steps_per_epoch is None
         or epoch_iterator._current_iterator is None
-        or (epoch_iterator._num_batches and epoch_iterator._steps_seen >= epoch_iterator._num_batches)
+        or (
+            epoch_iterator._num_batches
+            and epoch_iterator._steps_seen >= epoch_iterator._num_batches
+        )
     ):
         return 0
     return int(epoch_iterator._steps_seen)

@@ -19,10 +19,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-import ft  # noqa: E402
+import ft
 
 SAMPLES, FEATURES, BATCH = 96, 8, 8
 
@@ -78,7 +78,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--save-freq", default="epoch")
-    parser.add_argument("--input", choices=["numpy", "numpy-shuffle", "tfdata", "steps"], default="numpy")
+    parser.add_argument(
+        "--input", choices=["numpy", "numpy-shuffle", "tfdata", "steps"], default="numpy"
+    )
     parser.add_argument("--crash-at-step", type=int)
     parser.add_argument("--kill-at-step", type=int)
     parser.add_argument("--kill-during-save", type=int, help="SIGKILL inside the N-th save")
@@ -97,7 +99,9 @@ def main() -> None:
     backup = None
     if not args.no_backup:
         freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
-        backup = ft.BackupAndRestore(args.backup_dir, save_freq=freq, delete_checkpoint=not args.keep)
+        backup = ft.BackupAndRestore(
+            args.backup_dir, save_freq=freq, delete_checkpoint=not args.keep
+        )
         callbacks.append(backup)
         if args.kill_during_save:
             _kill_inside_save(backup, args.kill_during_save)
