@@ -10,9 +10,6 @@ import importlib.util
 import os
 import sys
 
-from ft import errors
-from ft.backup_and_restore import BackupAndRestore
-
 __all__ = ["BackupAndRestore", "errors", "strategies"]
 __version__ = "0.1.0"
 
@@ -37,4 +34,9 @@ def _map_source_strategies() -> None:
 
 
 _map_source_strategies()
-from ft import strategies  # type: ignore[attr-defined]  # noqa: E402
+
+from ft import (
+    errors,
+    strategies,  # type: ignore[attr-defined]
+)
+from ft.backup_and_restore import BackupAndRestore

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import numbers
 import os
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import keras
 import numpy as np
 
+import ft.strategies as strategies
 from ft import dir_lock, errors, fit_loop, training_state
 from ft.checkpoint_store import CheckpointStore
 from ft.log import get_logger
@@ -79,6 +81,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         save_before_preemption: Boolean. If `True`, a SIGTERM makes training
             save a backup at the next batch boundary and leave `fit`.
             Defaults to `False`.
+        timeout: Keyword-only float, seconds any wait for the other workers
+            may take (agreeing on a backup, loading it, finishing). A worker
+            that does not arrive in time raises `ft.errors.BarrierTimeoutError`
+            instead of hanging. Defaults to 300.
     """
 
     def __init__(
@@ -87,6 +93,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         save_freq: str | int | bool = "epoch",
         delete_checkpoint: bool = True,
         save_before_preemption: bool = False,
+        *,
+        timeout: float = strategies.DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__()
         if not isinstance(backup_dir, (str, os.PathLike)) or not os.fspath(backup_dir):
@@ -96,17 +104,24 @@ class BackupAndRestore(keras.callbacks.Callback):
                 "(a string or os.PathLike) of a directory for the backups."
             )
         _check_save_freq(save_freq, save_before_preemption)
-        self.backup_dir = os.fspath(backup_dir)
+        self.backup_dir: str = os.fspath(backup_dir)
         self.save_freq = save_freq
         self.delete_checkpoint = delete_checkpoint
         self.save_before_preemption = bool(save_before_preemption)
+        if not isinstance(timeout, numbers.Real) or not 0 < timeout < float("inf"):
+            raise ValueError(
+                f"Invalid value for argument `timeout`. Received: timeout={timeout!r}. "
+                "Expected a positive, finite number of seconds."
+            )
+        self.timeout: float = float(timeout)
+        self._coordinator: strategies.Coordinator = strategies.SingleProcess()
         self.restored: dict[str, Any] | None = None
-        self._store = CheckpointStore(self.backup_dir)
+        self._store: CheckpointStore = CheckpointStore(self.backup_dir)
         self._epoch_iterator: Any = None
-        self._step = 0
-        self._last_saved_step = 0
-        self._epoch = 0
-        self._batch = 0
+        self._step: int = 0
+        self._last_saved_step: int = 0
+        self._epoch: int = 0
+        self._batch: int = 0
         self._resume: BackupRecord | None = None
         self._pending_metrics: list[np.ndarray] | None = None
         self._epoch_rng: dict[str, Any] | None = None
@@ -114,16 +129,16 @@ class BackupAndRestore(keras.callbacks.Callback):
     # ------------------------------------------------------------- fit hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         model = self.model
-        self._store.prepare()
-        dir_lock.acquire(self._store.directory)
-        self._store.remove_partial()
+        self._coordinator = strategies.coordinator_for(model)
         self._epoch_iterator = fit_loop.find_epoch_iterator(model)
         self._step = self._last_saved_step = self._batch = 0
         self._resume = None
         self._pending_metrics = None
-        found = self._store.latest()
-        if found is not None:
-            self._restore(*found)
+        path, record = self._agree_on_restore_point()
+        if path is not None:
+            self._restore(path, record or self._store.read_record(path))
+        # Nobody trains (and the chief replaces no backup) until all have loaded.
+        self._coordinator.barrier("restored", self.timeout)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         model = self.model
@@ -172,21 +187,66 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.model._initial_epoch = None
-        if self.delete_checkpoint:
-            self._store.delete()
-        dir_lock.release(self._store.directory)
+        # Deleted once, by the chief, after every worker is done with the backup.
+        self._coordinator.barrier("train-end", self.timeout)
+        if self._coordinator.is_chief:
+            if self.delete_checkpoint:
+                self._store.delete()
+            dir_lock.release(self._store.directory)
+
+    def _agree_on_restore_point(self) -> tuple[str | None, BackupRecord | None]:
+        """The chief picks the newest intact backup; every worker learns which.
+
+        Call on all processes. The chief alone creates, locks and cleans
+        `backup_dir`; a failure there reaches the other workers as
+        `ChiefFailedError` instead of leaving them waiting.
+        """
+        found: tuple[str, BackupRecord] | None = None
+        failure: Exception | None = None
+        decision: str | None = None
+        if self._coordinator.is_chief:
+            try:
+                self._store.prepare()
+                dir_lock.acquire(self._store.directory)
+                self._store.remove_partial()
+                found = self._store.latest()
+                decision = json.dumps({"path": found[0] if found else None})
+            except (errors.FTError, OSError) as e:
+                failure = e
+                decision = json.dumps({"error": f"{type(e).__name__}: {e}"})
+        decision = self._coordinator.broadcast("restore-point", decision, self.timeout)
+        if failure is not None:
+            raise failure
+        chosen = json.loads(decision)
+        if "error" in chosen:
+            raise errors.ChiefFailedError(
+                f"The chief could not use backup_dir {self._store.directory}: {chosen['error']}"
+            )
+        if found is not None:
+            return found
+        return chosen["path"], None
 
     # --------------------------------------------------------------- helpers
     def _save(self, epoch: int, batch: int, at_epoch_end: bool) -> None:
+        """Back up the state at this step. Call on all processes; the chief writes.
+
+        Every worker reaches the same step (the schedule depends only on the
+        step count) and takes the snapshot, since reading a distributed
+        variable can be a collective that all workers must join; the replicas
+        hold the same state, so the chief's copy is the group's.
+        """
         variables = training_state.live_variables(self.model)
         arrays = training_state.snapshot(variables)
+        if not self._coordinator.is_chief:
+            self._last_saved_step = self._step
+            return
         record = BackupRecord(
             epoch=epoch,
             batch=batch,
             step=self._step,
             data_position=fit_loop.data_position(self._epoch_iterator, at_epoch_end),
             backend=keras.backend.backend(),
-            num_processes=1,
+            num_processes=self._coordinator.num_processes,
             written_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
             variables=training_state.manifest_to_json(training_state.manifest(variables)),
             rng=_numpy_rng() if at_epoch_end else self._epoch_rng,

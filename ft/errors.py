@@ -45,5 +45,9 @@ class PeerLostError(FTError, RuntimeError):
     """A peer worker died or stopped answering."""
 
 
+class ChiefFailedError(FTError, RuntimeError):
+    """The chief could not prepare or read `backup_dir`; raised on the other workers."""
+
+
 class UnsupportedConfigurationError(FTError, ValueError):
     """ft cannot honour the requested combination of arguments or environment."""

@@ -92,12 +92,16 @@ def manifest_from_json(data: dict[str, Any]) -> dict[str, list[VariableSpec]]:
 
 def snapshot(variables: dict[str, list[Any]]) -> dict[str, list[np.ndarray]]:
     """Host copies of every variable's value; safe to keep while training goes on."""
+    return {group: [_host_copy(v.value) for v in variables[group]] for group in GROUPS}
+
+
+def _host_copy(value: Any) -> np.ndarray:
     from keras import ops
 
-    return {
-        group: [np.array(ops.convert_to_numpy(v.value), copy=True) for v in variables[group]]
-        for group in GROUPS
-    }
+    # A tf.Variable (distributed ones included) is read through `read_value`:
+    # a SyncOnRead variable under tf.distribute aggregates across replicas there.
+    read = getattr(value, "read_value", None)
+    return np.array(ops.convert_to_numpy(read() if read is not None else value), copy=True)
 
 
 def first_mismatch(

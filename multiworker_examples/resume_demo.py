@@ -49,7 +49,8 @@ def train(backup_dir: str | None, kill_at_step: int | None, out: str) -> None:
         def on_train_batch_end(self, batch, logs=None):
             self.step += 1
             if self.step == kill_at_step:
-                print(f"  (SIGKILL at step {self.step}: epoch {self.epoch}, batch {batch})", flush=True)
+                where = f"epoch {self.epoch}, batch {batch}"
+                print(f"  (SIGKILL at step {self.step}: {where})", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 
         def on_epoch_begin(self, epoch, logs=None):

@@ -34,12 +34,14 @@ def make_data() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def make_model() -> keras.Model:
+def make_model(synchronized_bn: bool = False) -> keras.Model:
     keras.utils.set_random_seed(1234)
     model = keras.Sequential(
         [
             keras.layers.Dense(16, activation="relu"),
-            keras.layers.BatchNormalization(),
+            # Unsynchronized BatchNorm statistics differ per worker even in an
+            # uninterrupted MWMS run; synchronized ones are the same everywhere.
+            keras.layers.BatchNormalization(synchronized=synchronized_bn),
             keras.layers.Dropout(0.25),
             keras.layers.Dense(1),
         ]
@@ -87,14 +89,34 @@ def main() -> None:
     parser.add_argument("--steps-before", type=int, default=0, help="steps done by earlier runs")
     parser.add_argument("--keep", action="store_true", help="delete_checkpoint=False")
     parser.add_argument("--no-backup", action="store_true")
+    parser.add_argument("--strategy", choices=["none", "auto"], default="none")
+    parser.add_argument("--kill-worker", type=int, help="only this worker kills itself")
+    parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--forbid-writes", action="store_true", help="non-chief workers fail on any store write"
+    )
     args = parser.parse_args()
+    index = int(os.environ.get("FT_PROCESS_INDEX", "0"))
+    args.out = args.out.format(index=index)
+    first_launch = os.environ.get("FT_RESTART_COUNT", "0") == "0"
+    if (args.kill_worker is not None and args.kill_worker != index) or not first_launch:
+        args.kill_at_step = args.kill_during_save = None
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, lambda *_: print("ignoring SIGTERM", flush=True))
 
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
+    if args.forbid_writes and index != 0:
+        _forbid_store_writes()
     x, y = make_data()
-    model = make_model()
+    if args.strategy == "auto":
+        with ft.strategies.auto().scope():
+            model = make_model(synchronized_bn=keras.backend.backend() == "tensorflow")
+    else:
+        model = make_model()
     callbacks: list[keras.callbacks.Callback] = []
     backup = None
     if not args.no_backup:
@@ -133,6 +155,21 @@ def main() -> None:
     }
     with open(args.out + ".json", "w") as f:
         json.dump(report, f)
+
+
+def _forbid_store_writes() -> None:
+    """Every method that writes into backup_dir raises on this process."""
+    from ft.checkpoint_store import CheckpointStore
+
+    def refuse(name: str):
+        def method(self, *args, **kwargs):
+            print(f"FORBIDDEN WRITE: CheckpointStore.{name}", flush=True)
+            os._exit(3)
+
+        return method
+
+    for name in ("prepare", "remove_partial", "write", "delete", "_discard"):
+        setattr(CheckpointStore, name, refuse(name))
 
 
 def _kill_inside_save(backup: ft.BackupAndRestore, nth: int) -> None:

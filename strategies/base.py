@@ -1,0 +1,160 @@
+"""The small protocol every engine adapter implements, and the one-process default.
+
+ft's callback talks to the other processes only through a `Coordinator`:
+who am I, how many are we, who writes, wait for everyone, share a small value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from ft import errors
+
+DEFAULT_TIMEOUT = 300.0
+
+
+@runtime_checkable
+class Coordinator(Protocol):
+    """Cross-process services ft needs from a distributed engine."""
+
+    @property
+    def process_index(self) -> int:
+        """This process's index, 0 for the chief."""
+        ...
+
+    @property
+    def num_processes(self) -> int:
+        """How many training processes take part."""
+        ...
+
+    @property
+    def is_chief(self) -> bool:
+        """True on the one process that writes into `backup_dir`."""
+        ...
+
+    def barrier(self, name: str, timeout: float) -> None:
+        """Wait until every process reached barrier `name`. Call on all processes.
+
+        Raises:
+            BarrierTimeoutError: when not every process arrived within `timeout` s.
+            PeerLostError: when the engine reports a peer as dead.
+        """
+        ...
+
+    def broadcast(self, name: str, value: str | None, timeout: float) -> str:
+        """The chief's `value` (a short string), on every process. Call on all processes."""
+        ...
+
+
+class SingleProcess:
+    """The coordinator of a run with one process: every wait returns at once."""
+
+    process_index = 0
+    num_processes = 1
+    is_chief = True
+
+    def barrier(self, name: str, timeout: float) -> None:
+        return None
+
+    def broadcast(self, name: str, value: str | None, timeout: float) -> str:
+        if value is None:
+            raise ValueError("the chief must broadcast a value")
+        return value
+
+
+class DefaultScope:
+    """What `auto()` returns where no distribution is needed: `.scope()` does nothing."""
+
+    def scope(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """This process's place in a cluster described by `TF_CONFIG`.
+
+    A `chief` task, when present, is process 0 and the workers follow it; an
+    `evaluator` takes no part in training.
+    """
+
+    addresses: tuple[str, ...]  # training processes in process-index order
+    task_type: str
+    task_index: int
+    process_index: int
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.addresses)
+
+    @property
+    def coordinator_address(self) -> str:
+        return self.addresses[0]
+
+
+def cluster_from_tf_config(environ: dict[str, str] | None = None) -> ClusterSpec | None:
+    """Parse `TF_CONFIG`; None when it is unset or describes a single task."""
+    raw = (environ if environ is not None else os.environ).get("TF_CONFIG", "").strip()
+    if not raw:
+        return None
+    try:
+        config: Any = json.loads(raw)
+        cluster = config.get("cluster", {})
+        task = config.get("task", {})
+        task_type, task_index = str(task["type"]), int(task["index"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise errors.UnsupportedConfigurationError(
+            f"TF_CONFIG is not valid: {e!r}. Received: TF_CONFIG={raw[:200]!r}. Expected JSON "
+            'like {"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", '
+            '"index": 0}}.'
+        ) from None
+    if cluster.get("ps"):
+        raise errors.UnsupportedConfigurationError(
+            "TF_CONFIG describes a parameter-server cluster (a `ps` job); ft supports "
+            "synchronous data-parallel training (`chief` and `worker` jobs) only."
+        )
+    addresses = tuple(cluster.get("chief", [])) + tuple(cluster.get("worker", []))
+    if task_type == "evaluator" or len(addresses) <= 1:
+        return None
+    if task_type == "chief":
+        process_index = task_index
+    elif task_type == "worker":
+        process_index = len(cluster.get("chief", [])) + task_index
+    else:
+        raise errors.UnsupportedConfigurationError(
+            f"TF_CONFIG task type {task_type!r} is not supported. Expected 'chief', 'worker' "
+            "or 'evaluator'."
+        )
+    if not 0 <= process_index < len(addresses):
+        raise errors.UnsupportedConfigurationError(
+            f"TF_CONFIG task index {task_index} is out of range for the {task_type} job."
+        )
+    return ClusterSpec(addresses, task_type, task_index, process_index)
+
+
+@contextlib.contextmanager
+def translate_engine_errors(what: str, timeout: float) -> Iterator[None]:
+    """Turn an engine's deadline and peer-failure errors into ft errors."""
+    try:
+        yield
+    except errors.FTError:
+        raise
+    except Exception as e:
+        text = f"{type(e).__name__}: {e}"
+        if "DeadlineExceeded" in text or "timed out" in text.lower():
+            raise errors.BarrierTimeoutError(
+                f"{what} did not complete within {timeout:g} s: not every worker arrived "
+                f"({text.splitlines()[0][:300]}). A worker is dead, hung or much slower than "
+                "the others; check its log. Raise `timeout` if it is only slow."
+            ) from e
+        if any(k in text for k in ("Unavailable", "Aborted", "unhealthy", "Connection reset")):
+            raise errors.PeerLostError(
+                f"{what} failed because a peer worker was lost ({text.splitlines()[0][:300]}). "
+                "Restart the whole group (python -m ft.launch does); training resumes from "
+                "the last committed backup."
+            ) from e
+        raise

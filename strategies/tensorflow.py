@@ -1,0 +1,115 @@
+"""tf.distribute multi-worker: a MultiWorkerMirroredStrategy from TF_CONFIG, and its coordinator.
+
+Call `multi_worker_strategy()` on every worker, before building the model.
+Barriers and small broadcasts go through TensorFlow's coordination service
+(the same one MWMS uses for its collectives), each with a finite timeout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+from ft.strategies.base import ClusterSpec, translate_engine_errors
+
+logger = logging.getLogger("ft")
+
+DEFAULT_HEARTBEAT_TIMEOUT = 30.0
+
+
+def multi_worker_strategy(
+    cluster: ClusterSpec,
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+    collective_timeout: float | None = None,
+) -> Any:
+    """A MultiWorkerMirroredStrategy for the cluster in TF_CONFIG. Call on all workers.
+
+    Args:
+        cluster: Parsed TF_CONFIG (`base.cluster_from_tf_config`).
+        heartbeat_timeout: Seconds after which the coordination service declares
+            a silent worker dead, so survivors fail instead of hanging.
+        collective_timeout: Seconds a single collective may wait, or None.
+    """
+    import tensorflow as tf
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    from ft.strategies import keras_mwms_patch
+
+    if context.context().coordination_service is None:
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        spec = resolver.cluster_spec()
+        jobs = [
+            coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
+            for job in ("chief", "worker")
+            if job in spec.jobs
+        ]
+        context.context().configure_coordination_service(
+            service_type="standalone",
+            service_leader=multi_worker_util.coordination_leader(spec),
+            coordinated_jobs=jobs,
+            heartbeat_timeout_in_ms=int(heartbeat_timeout * 1000),
+            shutdown_barrier_timeout_in_ms=int(heartbeat_timeout * 1000),
+        )
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=collective_timeout)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    if keras_mwms_patch.apply():
+        logger.debug("patched Keras fit for MultiWorkerMirroredStrategy (keras#20585)")
+    return strategy
+
+
+def is_multi_worker(strategy: Any) -> bool:
+    import tensorflow as tf
+
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.cluster_resolver is not None
+        and strategy.extended._num_workers > 1
+    )
+
+
+class TFCoordinator:
+    """Coordinator over TensorFlow's coordination service. One per process."""
+
+    _ids = itertools.count()
+
+    def __init__(self, strategy: Any) -> None:
+        resolver = strategy.cluster_resolver
+        spec = resolver.cluster_spec()
+        chiefs = spec.num_tasks("chief") if "chief" in spec.jobs else 0
+        index = resolver.task_id + (chiefs if resolver.task_type == "worker" else 0)
+        self._index = int(index)
+        self._count = int(strategy.extended._num_workers)
+
+    @property
+    def process_index(self) -> int:
+        return self._index
+
+    @property
+    def num_processes(self) -> int:
+        return self._count
+
+    @property
+    def is_chief(self) -> bool:
+        return self._index == 0
+
+    def barrier(self, name: str, timeout: float) -> None:
+        from tensorflow.python.eager import context
+
+        barrier_id = f"ft/{name}/{next(self._ids)}"
+        with translate_engine_errors(f"barrier {name!r}", timeout):
+            context.context().wait_at_barrier(barrier_id, int(timeout * 1000))
+
+    def broadcast(self, name: str, value: str | None, timeout: float) -> str:
+        from tensorflow.python.eager import context
+
+        key = f"ft/{name}/{next(self._ids)}"
+        with translate_engine_errors(f"broadcast {name!r}", timeout):
+            if self.is_chief:
+                if value is None:
+                    raise ValueError("the chief must broadcast a value")
+                context.context().set_config_key_value(key, value)
+                return value
+            return str(context.context().get_config_key_value(key, int(timeout * 1000)))
