@@ -43,7 +43,7 @@ def test_single_process_coordinator_satisfies_the_protocol() -> None:
     coordinator.barrier("x", 1.0)
 
 
-def test_strategies_is_not_installed_as_a_top_level_module() -> None:
+def test_strategies_imports_as_ft_strategies() -> None:
     import importlib.util
 
     spec = importlib.util.find_spec("ft.strategies")
