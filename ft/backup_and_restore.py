@@ -237,7 +237,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         """
         variables = training_state.live_variables(self.model)
         arrays = training_state.snapshot(variables)
-        if not self._coordinator.is_chief:
+        collective = strategies.every_process_writes(self._coordinator)
+        if not (collective or self._coordinator.is_chief):
             self._last_saved_step = self._step
             return
         record = BackupRecord(
@@ -251,7 +252,10 @@ class BackupAndRestore(keras.callbacks.Callback):
             variables=training_state.manifest_to_json(training_state.manifest(variables)),
             rng=_numpy_rng() if at_epoch_end else self._epoch_rng,
         )
-        path = self._store.write(record, arrays)
+        if collective:
+            path = self._store.write_collective(record, arrays, self._coordinator, self.timeout)
+        else:
+            path = self._store.write(record, arrays)
         self._last_saved_step = self._step
         logger.debug("committed epoch %d, batch %d (step %d) to %s", epoch, batch, self._step, path)
 
@@ -262,10 +266,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         live = training_state.manifest(variables)
         saved = training_state.manifest_from_json(record.variables)
         training_state.check_compatible(saved, live, where=path)
-        target = {
-            group: [np.zeros(s.shape, dtype=s.dtype) for s in saved[group]]
-            for group in training_state.GROUPS
-        }
+        target = training_state.restore_target(variables, saved)
         arrays = self._store.read_arrays(path, target)
         training_state.assign(variables["model"], arrays["model"])
         training_state.assign(variables["optimizer"], arrays["optimizer"])

@@ -116,14 +116,52 @@ class CheckpointStore:
             The committed backup's directory. When a backup of the same step is
             already committed it is kept as is (same step, same state).
         """
-        final = os.path.join(self.directory, f"{PREFIX}{record.step:010d}")
+        final = self._final(record.step)
         if os.path.isdir(final):
             return final
-        tmp = os.path.join(self.directory, f"{TMP_PREFIX}{record.step}-{uuid.uuid4().hex[:12]}")
+        tmp = self._new_tmp(record.step)
+        self._write_arrays(tmp, arrays)
+        self._commit(tmp, final, record)
+        return final
+
+    def write_collective(
+        self, record: BackupRecord, arrays: Any, coordinator: Any, timeout: float
+    ) -> str:
+        """Commit a backup that every process writes its own shards of. Call on all processes.
+
+        The chief names the temporary directory and tells the others; each
+        process writes its shards through Orbax; once all have, the chief
+        checksums every file (its own and the others') and commits.
+        """
+        final = self._final(record.step)
+        name = None
+        if coordinator.is_chief:
+            name = "" if os.path.isdir(final) else os.path.basename(self._new_tmp(record.step))
+        name = coordinator.broadcast("save-dir", name, timeout)
+        if not name:
+            return final
+        tmp = os.path.join(self.directory, name)
+        self._write_arrays(tmp, arrays)
+        coordinator.barrier("arrays-written", timeout)
+        if coordinator.is_chief:
+            self._commit(tmp, final, record)
+        return final
+
+    def _final(self, step: int) -> str:
+        return os.path.join(self.directory, f"{PREFIX}{step:010d}")
+
+    def _new_tmp(self, step: int) -> str:
+        tmp = os.path.join(self.directory, f"{TMP_PREFIX}{step}-{uuid.uuid4().hex[:12]}")
         os.makedirs(tmp)
+        return tmp
+
+    def _write_arrays(self, tmp: str, arrays: Any) -> None:
         checkpointer = self._orbax()
         checkpointer.save(os.path.join(tmp, ARRAYS), arrays)
         checkpointer.wait_until_finished()
+
+    def _commit(self, tmp: str, final: str, record: BackupRecord) -> None:
+        """fsync and checksum every file, write the record, rename. Primary only."""
         record.files = {}
         for root, dirs, files in os.walk(tmp):
             for name in files:
@@ -141,7 +179,6 @@ class CheckpointStore:
         _fsync_path(self.directory, directory=True)
         for older in self.committed()[1:]:
             self._discard(older)
-        return final
 
     def delete(self) -> None:
         """Remove every file ft wrote, never the user's own. Primary process only.

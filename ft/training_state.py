@@ -90,9 +90,45 @@ def manifest_from_json(data: dict[str, Any]) -> dict[str, list[VariableSpec]]:
     return {group: [VariableSpec.from_json(d) for d in data.get(group, [])] for group in GROUPS}
 
 
-def snapshot(variables: dict[str, list[Any]]) -> dict[str, list[np.ndarray]]:
-    """Host copies of every variable's value; safe to keep while training goes on."""
+def snapshot(variables: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """The value of every variable, as Orbax should store it.
+
+    JAX arrays are passed as they are, sharded (Orbax writes each process's
+    shards, and they are immutable); other backends' values are copied to
+    host numpy arrays, safe to keep while training goes on.
+    """
+    import keras
+
+    if keras.backend.backend() == "jax":
+        return {group: [v.value for v in variables[group]] for group in GROUPS}
     return {group: [_host_copy(v.value) for v in variables[group]] for group in GROUPS}
+
+
+def restore_target(
+    variables: dict[str, list[Any]], saved: dict[str, list[VariableSpec]]
+) -> dict[str, list[Any]]:
+    """What Orbax should restore each saved array as.
+
+    Under JAX, arrays land directly on the live variables' shardings (Orbax
+    reshards when the backup was written by another topology); elsewhere, and
+    for saved variables the model no longer has, as host numpy arrays.
+    """
+    import keras
+
+    target: dict[str, list[Any]] = {}
+    for group in GROUPS:
+        live = variables[group]
+        same = first_mismatch(saved[group], [_spec(v) for v in live]) is None
+        if keras.backend.backend() == "jax" and same:
+            import jax
+
+            target[group] = [
+                jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=v.value.sharding)
+                for s, v in zip(saved[group], live, strict=True)
+            ]
+        else:
+            target[group] = [np.zeros(s.shape, dtype=s.dtype) for s in saved[group]]
+    return target
 
 
 def _host_copy(value: Any) -> np.ndarray:

@@ -27,23 +27,41 @@ __all__ = [
     "auto",
     "cluster_from_tf_config",
     "coordinator_for",
+    "every_process_writes",
+    "initialize",
 ]
 
 
-def auto(heartbeat_timeout: float | None = None, collective_timeout: float | None = None) -> Any:
+def auto(
+    heartbeat_timeout: float | None = None,
+    collective_timeout: float | None = None,
+    seed: int | None = None,
+    layout_map: Any = None,
+) -> Any:
     """The distribution for this backend and environment: an object with `.scope()`.
 
-    Call on every process, before building the model. Under TensorFlow with a
-    multi-worker `TF_CONFIG` (as `python -m ft.launch` and cluster managers set
-    it), a `tf.distribute.MultiWorkerMirroredStrategy` on which Keras 3 `fit`
-    works; on one process, the default strategy (TensorFlow) or a scope that
-    does nothing.
+    Call on every process, before building the model.
+
+    - TensorFlow with a multi-worker `TF_CONFIG` (as `python -m ft.launch` and
+      cluster managers set it): a `tf.distribute.MultiWorkerMirroredStrategy`
+      on which Keras 3 `fit` works. On one process, the default strategy.
+    - JAX: `jax.distributed` is initialized from `TF_CONFIG` (worker 0 is the
+      coordinator) or JAX's own cluster detection, every process is seeded
+      identically, and a Keras distribution is returned and set globally:
+      `DataParallel` over all devices, or `ModelParallel(layout_map)`. Each
+      process feeds its own share of the data; `batch_size` is per process.
+      Call `ft.strategies.initialize()` first to build a `layout_map` on the
+      global devices.
 
     Args:
         heartbeat_timeout: Seconds after which a silent peer is declared dead.
             Defaults to 30.
-        collective_timeout: Seconds one collective may wait, or None (the
-            default) to rely on the heartbeat.
+        collective_timeout: TensorFlow only: seconds one collective may wait,
+            or None (the default) to rely on the heartbeat.
+        seed: JAX only: the seed every process uses; drawn by process 0 and
+            broadcast when None.
+        layout_map: JAX only: a `keras.distribution.LayoutMap` for model
+            parallelism.
     """
     import keras
 
@@ -61,7 +79,31 @@ def auto(heartbeat_timeout: float | None = None, collective_timeout: float | Non
         import tensorflow as tf
 
         return tf.distribute.get_strategy()
+    if backend == "jax":
+        import keras
+
+        from ft.strategies import jax_multihost
+
+        initialize(heartbeat_timeout)
+        if cluster is None and not jax_multihost.is_multi_process() and layout_map is None:
+            if seed is not None:
+                keras.utils.set_random_seed(seed)
+            return DefaultScope()
+        jax_multihost.common_seed(seed)
+        dist = jax_multihost.distribution(layout_map)
+        keras.distribution.set_distribution(dist)
+        return dist
     return DefaultScope()
+
+
+def initialize(heartbeat_timeout: float | None = None) -> None:
+    """JAX: start `jax.distributed` for this cluster (idempotent). Call on all processes."""
+    from ft.strategies import jax_multihost
+
+    jax_multihost.initialize(
+        cluster_from_tf_config(),
+        heartbeat_timeout=heartbeat_timeout or jax_multihost.DEFAULT_HEARTBEAT_TIMEOUT,
+    )
 
 
 def coordinator_for(model: Any) -> Coordinator:
@@ -74,4 +116,17 @@ def coordinator_for(model: Any) -> Coordinator:
         strategy = model.distribute_strategy
         if tf_adapter.is_multi_worker(strategy):
             return tf_adapter.TFCoordinator(strategy)
+    elif keras.backend.backend() == "jax":
+        from ft.strategies import jax_multihost
+
+        if jax_multihost.is_multi_process():
+            return jax_multihost.JaxCoordinator()
     return SingleProcess()
+
+
+def every_process_writes(coordinator: Coordinator) -> bool:
+    """True where each process writes its own shards (JAX multi-host), so every
+    process takes part in a save; False where the chief alone writes."""
+    import keras
+
+    return coordinator.num_processes > 1 and keras.backend.backend() == "jax"

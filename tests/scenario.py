@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument(
+        "--model-parallel", action="store_true", help="JAX: split the first kernel over processes"
+    )
+    parser.add_argument(
         "--forbid-writes", action="store_true", help="non-chief workers fail on any store write"
     )
     args = parser.parse_args()
@@ -112,8 +115,28 @@ def main() -> None:
     if args.forbid_writes and index != 0:
         _forbid_store_writes()
     x, y = make_data()
+    batch_size = BATCH
+    jax_processes = 1
     if args.strategy == "auto":
-        with ft.strategies.auto().scope():
+        layout_map = None
+        if keras.backend.backend() == "jax":
+            ft.strategies.initialize()
+            import jax
+
+            jax_processes = jax.process_count()
+            if args.model_parallel:
+                layout_map = _split_first_kernel(jax.devices())
+            elif jax_processes > 1:
+                # Each process feeds its share of every global batch.
+                batch_size = BATCH // jax_processes
+                index = jax.process_index()
+                x, y = (
+                    a.reshape(-1, BATCH, a.shape[-1])[
+                        :, index * batch_size : (index + 1) * batch_size
+                    ].reshape(-1, a.shape[-1])
+                    for a in (x, y)
+                )
+        with ft.strategies.auto(layout_map=layout_map).scope():
             model = make_model(synchronized_bn=keras.backend.backend() == "tensorflow")
     else:
         model = make_model()
@@ -129,7 +152,7 @@ def main() -> None:
             _kill_inside_save(backup, args.kill_during_save)
     recorder = Recorder(args)
     callbacks.append(recorder)
-    fit_kwargs = dict(epochs=args.epochs, callbacks=callbacks, verbose=0)
+    fit_kwargs: dict = dict(epochs=args.epochs, callbacks=callbacks, verbose=0)
     if args.input == "tfdata":
         import tensorflow as tf
 
@@ -142,10 +165,15 @@ def main() -> None:
         history = model.fit(data, steps_per_epoch=5, **fit_kwargs)
     else:
         history = model.fit(
-            x, y, batch_size=BATCH, shuffle=args.input == "numpy-shuffle", **fit_kwargs
+            x, y, batch_size=batch_size, shuffle=args.input == "numpy-shuffle", **fit_kwargs
         )
-    weights = {f"w{i:03d}": np.asarray(w) for i, w in enumerate(model.get_weights())}
-    weights["iterations"] = np.asarray(model.optimizer.iterations)
+    values = [v.value for v in model.weights] + [model.optimizer.iterations.value]
+    if jax_processes > 1:
+        from jax.experimental import multihost_utils
+
+        values = [multihost_utils.process_allgather(v, tiled=True) for v in values]
+    weights = {f"w{i:03d}": np.asarray(w) for i, w in enumerate(values[:-1])}
+    weights["iterations"] = np.asarray(values[-1])
     np.savez(args.out, **weights)
     report = {
         "restored": backup.restored if backup else None,
@@ -153,8 +181,22 @@ def main() -> None:
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "backup_dir_exists": bool(args.backup_dir) and os.path.exists(args.backup_dir),
     }
+    kernel = model.layers[0].kernel
+    if hasattr(kernel.value, "sharding"):
+        report["first_kernel_shard"] = list(kernel.value.sharding.shard_shape(kernel.shape))
     with open(args.out + ".json", "w") as f:
         json.dump(report, f)
+
+
+def _split_first_kernel(devices: list) -> keras.distribution.LayoutMap:
+    """A layout that splits the first Dense kernel's output units over all devices."""
+    mesh = keras.distribution.DeviceMesh(
+        shape=(1, len(devices)), axis_names=("batch", "model"), devices=devices
+    )
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*/dense/kernel"] = (None, "model")
+    layout_map[".*/dense/bias"] = ("model",)
+    return layout_map
 
 
 def _forbid_store_writes() -> None:

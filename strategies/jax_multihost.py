@@ -1,0 +1,137 @@
+"""JAX multi-host: `jax.distributed` from TF_CONFIG, a Keras distribution, and a coordinator.
+
+Call `initialize()` (or `ft.strategies.auto()`) on every process before any
+other JAX call. Barriers and broadcasts go through the `jax.distributed`
+coordination service client, each with a finite timeout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from typing import Any
+
+from ft.strategies.base import ClusterSpec, translate_engine_errors
+
+logger = logging.getLogger("ft")
+
+DEFAULT_HEARTBEAT_TIMEOUT = 30.0
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# Environment variables through which JAX detects a cluster by itself.
+_JAX_CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+
+
+def initialize(
+    cluster: ClusterSpec | None, heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
+) -> None:
+    """Start `jax.distributed` once per process. Call on all processes, first.
+
+    With a multi-process TF_CONFIG, worker 0's address is the coordinator;
+    without one, JAX's own cluster detection runs where its environment is set
+    (SLURM, Open MPI, JAX_COORDINATOR_ADDRESS); otherwise this is one process.
+    """
+    import jax
+
+    if jax.distributed.is_initialized():
+        return
+    timeouts = dict(
+        heartbeat_timeout_seconds=max(int(heartbeat_timeout), 1),
+        shutdown_timeout_seconds=int(DEFAULT_SHUTDOWN_TIMEOUT),
+        initialization_timeout=300,
+    )
+    if cluster is not None:
+        jax.distributed.initialize(
+            coordinator_address=cluster.coordinator_address,
+            num_processes=cluster.num_processes,
+            process_id=cluster.process_index,
+            **timeouts,  # type: ignore[arg-type]
+        )
+    elif any(name in os.environ for name in _JAX_CLUSTER_ENV):
+        jax.distributed.initialize(**timeouts)  # type: ignore[arg-type]
+    else:
+        return
+    logger.debug("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def common_seed(seed: int | None) -> int:
+    """Seed Keras, NumPy and Python identically on every process. Call on all processes.
+
+    Without a `seed`, process 0 draws one and broadcasts it, so replicated
+    variables are initialized to the same values everywhere.
+    """
+    import jax
+    import keras
+    import numpy as np
+
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            seed = int(multihost_utils.broadcast_one_to_all(np.int32(seed)))
+    keras.utils.set_random_seed(seed)
+    return seed
+
+
+def distribution(layout_map: Any = None) -> Any:
+    """`DataParallel` over every device of every process, or `ModelParallel(layout_map)`.
+
+    Each process feeds its own share of the data (`auto_shard_dataset=False`),
+    with `batch_size` counted per process.
+    """
+    import jax
+    import keras
+
+    if layout_map is not None:
+        return keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch", auto_shard_dataset=False
+        )
+    return keras.distribution.DataParallel(devices=jax.devices(), auto_shard_dataset=False)
+
+
+def is_multi_process() -> bool:
+    import jax
+
+    return bool(jax.process_count() > 1)
+
+
+class JaxCoordinator:
+    """Coordinator over the `jax.distributed` client. One per process."""
+
+    _ids = itertools.count()
+
+    def __init__(self) -> None:
+        import jax
+        from jax._src import distributed
+
+        self._client = distributed.global_state.client
+        self._index = int(jax.process_index())
+        self._count = int(jax.process_count())
+
+    @property
+    def process_index(self) -> int:
+        return self._index
+
+    @property
+    def num_processes(self) -> int:
+        return self._count
+
+    @property
+    def is_chief(self) -> bool:
+        return self._index == 0
+
+    def barrier(self, name: str, timeout: float) -> None:
+        barrier_id = f"ft/{name}/{next(self._ids)}"
+        with translate_engine_errors(f"barrier {name!r}", timeout):
+            self._client.wait_at_barrier(barrier_id, int(timeout * 1000))
+
+    def broadcast(self, name: str, value: str | None, timeout: float) -> str:
+        key = f"ft/{name}/{next(self._ids)}"
+        with translate_engine_errors(f"broadcast {name!r}", timeout):
+            if self.is_chief:
+                if value is None:
+                    raise ValueError("the chief must broadcast a value")
+                self._client.key_value_set(key, value)
+                return value
+            return str(self._client.blocking_key_value_get(key, int(timeout * 1000)))
