@@ -105,7 +105,12 @@ class JaxCoordinator:
         import jax
         from jax._src import distributed
 
-        self._client = distributed.global_state.client
+        client = distributed.global_state.client
+        if client is None:
+            raise RuntimeError(
+                "jax.distributed is not initialized; call ft.strategies.auto() first"
+            )
+        self._client: Any = client
         self._index = int(jax.process_index())
         self._count = int(jax.process_count())
 
