@@ -10,7 +10,7 @@ import importlib.util
 import os
 import sys
 
-__all__ = ["BackupAndRestore", "errors", "strategies"]
+__all__ = ["PREEMPTED_EXIT_CODE", "BackupAndRestore", "errors", "strategies"]
 __version__ = "0.1.0"
 
 
@@ -40,3 +40,4 @@ from ft import (
     strategies,  # type: ignore[attr-defined]
 )
 from ft.backup_and_restore import BackupAndRestore
+from ft.preemption import PREEMPTED_EXIT_CODE

@@ -6,13 +6,14 @@ import datetime
 import json
 import numbers
 import os
+import sys
 from typing import Any
 
 import keras
 import numpy as np
 
 import ft.strategies as strategies
-from ft import dir_lock, errors, fit_loop, training_state
+from ft import dir_lock, errors, fit_loop, preemption, training_state
 from ft.checkpoint_store import CheckpointStore
 from ft.log import get_logger
 from ft.metadata import BackupRecord
@@ -78,9 +79,11 @@ class BackupAndRestore(keras.callbacks.Callback):
             requires `save_before_preemption=True`. Defaults to `"epoch"`.
         delete_checkpoint: Boolean. If `True`, the backup is deleted when
             `fit` completes. Use `False` to keep it. Defaults to `True`.
-        save_before_preemption: Boolean. If `True`, a SIGTERM makes training
-            save a backup at the next batch boundary and leave `fit`.
-            Defaults to `False`.
+        save_before_preemption: Boolean. If `True`, a SIGTERM to any worker
+            makes every worker save a backup of the same step at a batch
+            boundary soon after, leave `fit`, and exit the process with code
+            `ft.PREEMPTED_EXIT_CODE` (42), which means "preempted, restart me"
+            to `python -m ft.launch`. The backup is kept. Defaults to `False`.
         timeout: Keyword-only float, seconds any wait for the other workers
             may take (agreeing on a backup, loading it, finishing). A worker
             that does not arrive in time raises `ft.errors.BarrierTimeoutError`
@@ -115,6 +118,9 @@ class BackupAndRestore(keras.callbacks.Callback):
             )
         self.timeout: float = float(timeout)
         self._coordinator: strategies.Coordinator = strategies.SingleProcess()
+        self._preemption: preemption.PreemptionWatch | None = None
+        self._preempted: bool = False
+        self._fits: int = 0
         self.restored: dict[str, Any] | None = None
         self._store: CheckpointStore = CheckpointStore(self.backup_dir)
         self._epoch_iterator: Any = None
@@ -139,6 +145,13 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._restore(path, record or self._store.read_record(path))
         # Nobody trains (and the chief replaces no backup) until all have loaded.
         self._coordinator.barrier("restored", self.timeout)
+        self._fits += 1
+        self._preempted = False
+        if self.save_before_preemption:
+            self._preemption = preemption.PreemptionWatch(
+                self._coordinator, f"preempt/{self._fits}"
+            )
+            self._preemption.install()
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         model = self.model
@@ -170,16 +183,24 @@ class BackupAndRestore(keras.callbacks.Callback):
         done = batch + 1
         self._step += max(done - self._batch, 0)
         self._batch = done
-        if isinstance(self.save_freq, (bool, str)):
-            return
-        freq = int(self.save_freq)
-        if self._step // freq > self._last_saved_step // freq:
+        scheduled = False
+        if not isinstance(self.save_freq, (bool, str)):
+            freq = int(self.save_freq)
+            scheduled = self._step // freq > self._last_saved_step // freq
+        stop_at = self._preemption.stop_step(self._step) if self._preemption else None
+        preempt = stop_at is not None and self._step >= stop_at
+        if preempt and self._step > stop_at:  # type: ignore[operator]
+            logger.warning("preemption save at step %d, after the agreed %s", self._step, stop_at)
+        if scheduled or preempt:
             if done == _num_batches(self._epoch_iterator):
                 # The epoch's last batch: resume at the next epoch's start (a
                 # Keras epoch with no batch left to run cannot end cleanly).
                 self._save(epoch=self._epoch + 1, batch=0, at_epoch_end=True)
             else:
                 self._save(epoch=self._epoch, batch=done, at_epoch_end=False)
+        if preempt:
+            self._preempted = True
+            self.model.stop_training = True
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self.save_freq == "epoch":
@@ -187,12 +208,22 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.model._initial_epoch = None
+        if self._preemption is not None:
+            self._preemption.uninstall()
+            self._preemption = None
         # Deleted once, by the chief, after every worker is done with the backup.
         self._coordinator.barrier("train-end", self.timeout)
         if self._coordinator.is_chief:
-            if self.delete_checkpoint:
+            if self.delete_checkpoint and not self._preempted:
                 self._store.delete()
             dir_lock.release(self._store.directory)
+        if self._preempted:
+            logger.info(
+                "preempted: saved at step %d; exiting with code %d (restart me)",
+                self._step,
+                preemption.PREEMPTED_EXIT_CODE,
+            )
+            sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
     def _agree_on_restore_point(self) -> tuple[str | None, BackupRecord | None]:
         """The chief picks the newest intact backup; every worker learns which.

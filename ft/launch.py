@@ -9,9 +9,11 @@ line is prefixed with `[worker i]`. When a worker exits with a non-zero code
 the others are stopped (SIGTERM, then SIGKILL after the grace period) and the
 whole group is started again on fresh ports while restarts are left;
 otherwise the launcher exits with the failing worker's code (128 + N when it
-was killed by signal N). Ctrl-C or SIGTERM to the launcher stops every worker
-the same way, and it exits 130 (143 for SIGTERM). Exit 0 means every worker
-exited 0.
+was killed by signal N). A worker that exits 42 (`ft.PREEMPTED_EXIT_CODE`:
+it saved before a preemption) restarts the group without using a restart.
+Ctrl-C stops every worker (SIGTERM, then SIGKILL) and exits 130. SIGTERM to
+the launcher is forwarded to every worker; when they exit 42 after saving,
+the launcher exits 42 too, otherwise 143. Exit 0 means every worker exited 0.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import portpicker
 
 POLL_SECONDS = 0.05
+PREEMPTED = 42  # ft.PREEMPTED_EXIT_CODE: "preempted, state saved, restart me"
 
 
 @dataclass
@@ -38,6 +41,7 @@ class GroupResult:
 
     code: int  # 0 when every worker exited 0, else the first failure's exit code
     failed_worker: int | None
+    preempted: bool = False  # some worker exited with PREEMPTED while stopping
 
 
 def exit_code(returncode: int) -> int:
@@ -61,6 +65,7 @@ class Launcher:
         self.max_restarts = max_restarts
         self.grace_period = grace_period
         self.restarts = 0
+        self.preemptions = 0
         self._procs: list[subprocess.Popen[bytes]] = []
         self._pumps: list[threading.Thread] = []
         self._stop_signal: int | None = None
@@ -72,9 +77,21 @@ class Launcher:
         while True:
             result = self._run_group()
             if self._stop_signal is not None:
+                # Workers that saved before stopping ask to be restarted; say so upward.
+                if self._stop_signal == signal.SIGTERM and result.preempted:
+                    self._say(f"stopped by SIGTERM after the workers saved; exiting {PREEMPTED}")
+                    return PREEMPTED
                 return 128 + self._stop_signal
             if result.code == 0:
                 return 0
+            if result.code == PREEMPTED:
+                self.preemptions += 1
+                self._say(
+                    f"worker {result.failed_worker} was preempted and saved (exit {PREEMPTED}); "
+                    f"restarting the group (preemption {self.preemptions}, not counted as a "
+                    "restart)"
+                )
+                continue
             if self.restarts >= self.max_restarts:
                 self._say(
                     f"worker {result.failed_worker} exited with code {result.code}; "
@@ -112,11 +129,13 @@ class Launcher:
             self._procs.append(proc)
             self._pumps.append(pump)
         try:
-            return self._watch()
+            result = self._watch()
         finally:
             self._stop_all()
             for port in ports:
                 portpicker.return_port(port)
+        result.preempted = any(p.returncode == PREEMPTED for p in self._procs)
+        return result
 
     def _watch(self) -> GroupResult:
         while self._stop_signal is None:

@@ -50,6 +50,14 @@ class Coordinator(Protocol):
         """The chief's `value` (a short string), on every process. Call on all processes."""
         ...
 
+    def publish(self, name: str, value: str) -> None:
+        """Store `value` under `name` unless a value is already there. Any process."""
+        ...
+
+    def wait_value(self, name: str, timeout: float) -> str | None:
+        """The value published under `name`, or None if none appears within `timeout` s."""
+        ...
+
 
 class SingleProcess:
     """The coordinator of a run with one process: every wait returns at once."""
@@ -58,6 +66,9 @@ class SingleProcess:
     num_processes = 1
     is_chief = True
 
+    def __init__(self) -> None:
+        self._values: dict[str, str] = {}
+
     def barrier(self, name: str, timeout: float) -> None:
         return None
 
@@ -65,6 +76,12 @@ class SingleProcess:
         if value is None:
             raise ValueError("the chief must broadcast a value")
         return value
+
+    def publish(self, name: str, value: str) -> None:
+        self._values.setdefault(name, value)
+
+    def wait_value(self, name: str, timeout: float) -> str | None:
+        return self._values.get(name)
 
 
 class DefaultScope:

@@ -140,3 +140,18 @@ class JaxCoordinator:
                 self._client.key_value_set(key, value)
                 return value
             return str(self._client.blocking_key_value_get(key, int(timeout * 1000)))
+
+    def publish(self, name: str, value: str) -> None:
+        try:
+            self._client.key_value_set(f"ft/{name}", value)
+        except Exception as e:  # the first writer wins
+            if "ALREADY_EXISTS" not in str(e).upper().replace(" ", "_"):
+                raise
+
+    def wait_value(self, name: str, timeout: float) -> str | None:
+        try:
+            return str(self._client.blocking_key_value_get(f"ft/{name}", int(timeout * 1000)))
+        except Exception as e:
+            if "DEADLINE" in str(e).upper():
+                return None
+            raise

@@ -113,3 +113,22 @@ class TFCoordinator:
                 context.context().set_config_key_value(key, value)
                 return value
             return str(context.context().get_config_key_value(key, int(timeout * 1000)))
+
+    def publish(self, name: str, value: str) -> None:
+        from tensorflow.python.eager import context
+
+        try:
+            context.context().set_config_key_value(f"ft/{name}", value)
+        except Exception as e:  # the first writer wins
+            if "AlreadyExists" not in f"{type(e).__name__}: {e}":
+                raise
+
+    def wait_value(self, name: str, timeout: float) -> str | None:
+        from tensorflow.python.eager import context
+
+        try:
+            return str(context.context().get_config_key_value(f"ft/{name}", int(timeout * 1000)))
+        except Exception as e:
+            if "DeadlineExceeded" in f"{type(e).__name__}: {e}":
+                return None
+            raise

@@ -70,6 +70,8 @@ class Recorder(keras.callbacks.Callback):
         print(f"step {step}", flush=True)
         if self.args.kill_at_step == step:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.args.sigterm_at_step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
         if self.args.crash_at_step == step:
             raise RuntimeError(f"crash at step {step}")
 
@@ -93,6 +95,9 @@ def main() -> None:
     parser.add_argument("--kill-worker", type=int, help="only this worker kills itself")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--save-before-preemption", action="store_true")
+    parser.add_argument("--sigterm-at-step", type=int, help="send SIGTERM to itself there")
+    parser.add_argument("--pid-file", help="write this process's pid here, per worker")
     parser.add_argument(
         "--model-parallel", action="store_true", help="JAX: split the first kernel over processes"
     )
@@ -104,7 +109,10 @@ def main() -> None:
     args.out = args.out.format(index=index)
     first_launch = os.environ.get("FT_RESTART_COUNT", "0") == "0"
     if (args.kill_worker is not None and args.kill_worker != index) or not first_launch:
-        args.kill_at_step = args.kill_during_save = None
+        args.kill_at_step = args.kill_during_save = args.sigterm_at_step = None
+    if args.pid_file:
+        with open(f"{args.pid_file}.{index}", "w") as f:
+            f.write(str(os.getpid()))
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, lambda *_: print("ignoring SIGTERM", flush=True))
 
@@ -143,9 +151,17 @@ def main() -> None:
     callbacks: list[keras.callbacks.Callback] = []
     backup = None
     if not args.no_backup:
-        freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
+        freq: str | int | bool = args.save_freq
+        if args.save_freq == "false":
+            freq = False
+        elif args.save_freq != "epoch":
+            freq = int(args.save_freq)
         backup = ft.BackupAndRestore(
-            args.backup_dir, save_freq=freq, delete_checkpoint=not args.keep
+            args.backup_dir,
+            save_freq=freq,
+            delete_checkpoint=not args.keep,
+            save_before_preemption=args.save_before_preemption,
+            timeout=args.timeout,
         )
         callbacks.append(backup)
         if args.kill_during_save:
