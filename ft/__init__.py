@@ -1,7 +1,8 @@
 """ft: fault tolerance for distributed Keras 3 training.
 
-`import ft` never imports TensorFlow or JAX; `ft.strategies` imports an engine
-only when one of its adapters is used.
+`import ft` imports neither Keras, TensorFlow nor JAX: `ft.BackupAndRestore`
+imports Keras when first used, and `ft.strategies` imports an engine only
+when one of its adapters is used.
 """
 
 from __future__ import annotations
@@ -35,9 +36,23 @@ def _map_source_strategies() -> None:
 
 _map_source_strategies()
 
+from typing import TYPE_CHECKING, Any
+
 from ft import (
     errors,
     strategies,  # type: ignore[attr-defined]
 )
-from ft.backup_and_restore import BackupAndRestore
 from ft.preemption import PREEMPTED_EXIT_CODE
+
+if TYPE_CHECKING:
+    from ft.backup_and_restore import BackupAndRestore
+
+
+def __getattr__(name: str) -> Any:
+    # Keras (and with it an engine) is imported on first use of the callback,
+    # so `python -m ft.launch` and `python -m ft inspect` start in a blink.
+    if name == "BackupAndRestore":
+        from ft.backup_and_restore import BackupAndRestore
+
+        return BackupAndRestore
+    raise AttributeError(f"module 'ft' has no attribute {name!r}")

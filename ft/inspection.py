@@ -1,0 +1,133 @@
+"""`python -m ft inspect BACKUP_DIR [--json]`: what a backup holds and whether it is intact.
+
+Reads only; writes nothing into `backup_dir`. Exit codes: 0 when every
+committed backup is intact, 1 when one is damaged, 3 when there is none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ft import errors
+from ft.checkpoint_store import TMP_PREFIX, TRASH_PREFIX, CheckpointStore
+from ft.dir_lock import LOCK_NAME
+
+EXIT_INTACT, EXIT_DAMAGED, EXIT_NO_BACKUP = 0, 1, 3
+
+
+def describe(backup_dir: str) -> dict[str, Any]:
+    """Everything `inspect` reports about `backup_dir`, as a JSON-ready dict."""
+    store = CheckpointStore(backup_dir)
+    backups = []
+    for path in store.committed():
+        entry: dict[str, Any] = {"path": path, "name": os.path.basename(path)}
+        try:
+            record = store.read_record(path)
+            entry.update(
+                epoch=record.epoch,
+                batch=record.batch,
+                step=record.step,
+                written_at=record.written_at,
+                num_processes=record.num_processes,
+                backend=record.backend,
+                files=len(record.files),
+                size_bytes=sum(f["size"] for f in record.files.values()),
+                variables={g: len(v) for g, v in record.variables.items()},
+            )
+            store.verify(path)
+            entry.update(intact=True, problem=None)
+        except errors.CheckpointCorruptedError as e:
+            entry.update(intact=False, problem=str(e))
+        backups.append(entry)
+    names = sorted(os.listdir(store.directory)) if os.path.isdir(store.directory) else []
+    leftovers = [n for n in names if n.startswith((TMP_PREFIX, TRASH_PREFIX))]
+    return {
+        "backup_dir": store.directory,
+        "exists": os.path.isdir(store.directory),
+        "backups": backups,
+        "leftovers": leftovers,
+        "live_run": _live_run(store.directory),
+        "ok": bool(backups) and all(b["intact"] for b in backups),
+    }
+
+
+def _live_run(directory: str) -> str | None:
+    """Who holds the run lock, or None when no live run does."""
+    path = os.path.join(directory, LOCK_NAME)
+    if not os.path.exists(path):
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The human-readable form of `describe`'s report."""
+    lines = [f"backup_dir: {report['backup_dir']}"]
+    if not report["exists"]:
+        lines.append("  does not exist: nothing to restore")
+        return "\n".join(lines)
+    if not report["backups"]:
+        lines.append("  no committed backup: the next fit starts from scratch")
+    for i, b in enumerate(report["backups"]):
+        label = "newest" if i == 0 else "older"
+        lines.append(f"  {b['name']} ({label})")
+        if "epoch" in b:
+            lines.append(
+                f"    resumes at: epoch {b['epoch']}, batch {b['batch']} (global step {b['step']})"
+            )
+            lines.append(f"    written:    {b['written_at']}")
+            lines.append(
+                f"    by:         {b['num_processes']} process(es), {b['backend']} backend"
+            )
+            lines.append(f"    size:       {_size(b['size_bytes'])} in {b['files']} files")
+        status = "intact (sizes and CRC32 checksums verified)" if b["intact"] else "DAMAGED"
+        lines.append(f"    status:     {status}")
+        if b["problem"]:
+            lines.append(f"    problem:    {b['problem']}")
+    for name in report["leftovers"]:
+        lines.append(f"  {name}: left by an interrupted save; removed at the next start")
+    lines.append(f"  live run:   {report['live_run'] or 'none'}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ft inspect",
+        description="Show what the backups in BACKUP_DIR hold and verify every file.",
+        epilog="Exit codes: 0 intact, 1 a backup is damaged, 3 no committed backup.",
+    )
+    parser.add_argument("backup_dir")
+    parser.add_argument("--json", action="store_true", help="print a JSON object instead")
+    args = parser.parse_args(argv)
+    report = describe(args.backup_dir)
+    print(json.dumps(report, indent=1) if args.json else render(report))
+    if not report["backups"]:
+        return EXIT_NO_BACKUP
+    return EXIT_INTACT if report["ok"] else EXIT_DAMAGED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
