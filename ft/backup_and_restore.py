@@ -147,6 +147,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._coordinator.barrier("restored", self.timeout)
         self._fits += 1
         self._preempted = False
+        if self._coordinator.num_processes > 1:
+            _guard_train_function(model, self._coordinator)
         if self.save_before_preemption:
             self._preemption = preemption.PreemptionWatch(
                 self._coordinator, f"preempt/{self._fits}"
@@ -208,6 +210,7 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.model._initial_epoch = None
+        _unguard_train_function(self.model)
         if self._preemption is not None:
             self._preemption.uninstall()
             self._preemption = None
@@ -403,3 +406,29 @@ def _ensure_built(model: Any, epoch_iterator: Any) -> None:
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and not optimizer.built:
         optimizer.build(model.trainable_variables)
+
+
+def _guard_train_function(model: Any, coordinator: Any) -> None:
+    """Make a lost peer surface from a training step as `PeerLostError` naming it.
+
+    The engines detect a dead or frozen peer (heartbeat, broken connection)
+    and fail the step's collective; this turns their error into ft's.
+    """
+    _unguard_train_function(model)
+    original = model.train_function
+    if original is None:
+        return
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        where = f"A training step on worker {coordinator.process_index}"
+        with strategies.translate_engine_errors(where, timeout=0):
+            return original(*args, **kwargs)
+
+    guarded._ft_original = original  # type: ignore[attr-defined]
+    model.train_function = guarded
+
+
+def _unguard_train_function(model: Any) -> None:
+    original = getattr(model.train_function, "_ft_original", None)
+    if original is not None:
+        model.train_function = original

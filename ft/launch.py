@@ -152,6 +152,7 @@ class Launcher:
         live = [p for p in self._procs if p.poll() is None]
         for proc in live:
             _signal_group(proc, signal.SIGTERM)
+            _signal_group(proc, signal.SIGCONT)  # a stopped worker must run to see SIGTERM
         deadline = time.monotonic() + self.grace_period
         for proc in live:
             try:

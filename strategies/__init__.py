@@ -16,6 +16,8 @@ from ft.strategies.base import (
     DefaultScope,
     SingleProcess,
     cluster_from_tf_config,
+    missing_worker,
+    translate_engine_errors,
 )
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "coordinator_for",
     "every_process_writes",
     "initialize",
+    "missing_worker",
+    "translate_engine_errors",
 ]
 
 

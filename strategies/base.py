@@ -170,8 +170,19 @@ def translate_engine_errors(what: str, timeout: float) -> Iterator[None]:
             ) from e
         if any(k in text for k in ("Unavailable", "Aborted", "unhealthy", "Connection reset")):
             raise errors.PeerLostError(
-                f"{what} failed because a peer worker was lost ({text.splitlines()[0][:300]}). "
-                "Restart the whole group (python -m ft.launch does); training resumes from "
-                "the last committed backup."
+                f"{what} failed because {missing_worker(text)} was lost: it died or stopped "
+                f"answering ({text.splitlines()[0][:300]}). Restart the whole group "
+                "(python -m ft.launch does); training resumes from the last committed backup."
             ) from e
         raise
+
+
+def missing_worker(text: str) -> str:
+    """Name the worker an engine's error message blames, as precisely as it says."""
+    import re
+
+    task = re.search(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", text)
+    if task:
+        return f"worker {task.group(2)} ({task.group(0)})"
+    task = re.search(r"\btask[ _:]?(\d+)", text)
+    return f"worker {task.group(1)}" if task else "a peer worker"

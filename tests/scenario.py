@@ -72,6 +72,8 @@ class Recorder(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.args.sigterm_at_step == step:
             os.kill(os.getpid(), signal.SIGTERM)
+        if self.args.sigstop_at_step == step:
+            os.kill(os.getpid(), signal.SIGSTOP)
         if self.args.crash_at_step == step:
             raise RuntimeError(f"crash at step {step}")
 
@@ -96,6 +98,8 @@ def main() -> None:
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--save-before-preemption", action="store_true")
+    parser.add_argument("--heartbeat", type=float, help="ft.strategies.auto(heartbeat_timeout=)")
+    parser.add_argument("--sigstop-at-step", type=int, help="SIGSTOP itself there")
     parser.add_argument("--sigterm-at-step", type=int, help="send SIGTERM to itself there")
     parser.add_argument("--pid-file", help="write this process's pid here, per worker")
     parser.add_argument(
@@ -110,6 +114,7 @@ def main() -> None:
     first_launch = os.environ.get("FT_RESTART_COUNT", "0") == "0"
     if (args.kill_worker is not None and args.kill_worker != index) or not first_launch:
         args.kill_at_step = args.kill_during_save = args.sigterm_at_step = None
+        args.sigstop_at_step = None
     if args.pid_file:
         with open(f"{args.pid_file}.{index}", "w") as f:
             f.write(str(os.getpid()))
@@ -128,7 +133,7 @@ def main() -> None:
     if args.strategy == "auto":
         layout_map = None
         if keras.backend.backend() == "jax":
-            ft.strategies.initialize()
+            ft.strategies.initialize(heartbeat_timeout=args.heartbeat)
             import jax
 
             jax_processes = jax.process_count()
@@ -144,7 +149,8 @@ def main() -> None:
                     ].reshape(-1, a.shape[-1])
                     for a in (x, y)
                 )
-        with ft.strategies.auto(layout_map=layout_map).scope():
+        strategy = ft.strategies.auto(heartbeat_timeout=args.heartbeat, layout_map=layout_map)
+        with strategy.scope():
             model = make_model(synchronized_bn=keras.backend.backend() == "tensorflow")
     else:
         model = make_model()

@@ -16,9 +16,22 @@ pytestmark = pytest.mark.slow
 def test_short_torture_run_restores_every_time_and_ends_exact(tmp_path) -> None:
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/torture.py", "--kills", "3", "--backend", "jax",
-         "--max-delay", "1.0", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [
+            sys.executable,
+            "benchmarks/torture.py",
+            "--kills",
+            "3",
+            "--backend",
+            "jax",
+            "--max-delay",
+            "1.0",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     result = json.loads(out.read_text())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
