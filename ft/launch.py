@@ -113,7 +113,7 @@ class Launcher:
                 TF_CONFIG=tf_config(ports, index),
                 FT_PROCESS_INDEX=str(index),
                 FT_NUM_PROCESSES=str(self.num_workers),
-                FT_RESTART_COUNT=str(self.restarts),
+                FT_RESTART_COUNT=str(self.restarts + self.preemptions),  # relaunches so far
                 PYTHONUNBUFFERED="1",
             )
             proc = subprocess.Popen(
