@@ -13,12 +13,15 @@ import keras
 import numpy as np
 
 import ft.strategies as strategies
-from ft import dir_lock, errors, fit_loop, preemption, training_state
+from ft import background_writer, dir_lock, errors, fit_loop, preemption, training_state
 from ft.checkpoint_store import CheckpointStore
 from ft.log import get_logger
 from ft.metadata import BackupRecord
 
 logger = get_logger()
+
+# States this large are saved in the background when `async_save=None`.
+ASYNC_THRESHOLD_BYTES = 32 << 20
 
 
 class BackupAndRestore(keras.callbacks.Callback):
@@ -88,6 +91,15 @@ class BackupAndRestore(keras.callbacks.Callback):
             may take (agreeing on a backup, loading it, finishing). A worker
             that does not arrive in time raises `ft.errors.BarrierTimeoutError`
             instead of hanging. Defaults to 300.
+        async_save: Keyword-only boolean or None. `True` writes, fsyncs and
+            commits each backup on a background thread while training goes
+            on (training waits only for a host copy of the state; at most one
+            save is in flight, its error surfaces at the next save or at the
+            end of `fit`, and `fit` returns only once the last backup is
+            committed). `False` saves synchronously. `None` (the default)
+            goes to the background for states of 32 MiB and more, where it
+            pays, and saves small states synchronously (milliseconds).
+            JAX multi-host saves are always synchronous.
     """
 
     def __init__(
@@ -98,6 +110,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         save_before_preemption: bool = False,
         *,
         timeout: float = strategies.DEFAULT_TIMEOUT,
+        async_save: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(backup_dir, (str, os.PathLike)) or not os.fspath(backup_dir):
@@ -117,8 +130,17 @@ class BackupAndRestore(keras.callbacks.Callback):
                 "Expected a positive, finite number of seconds."
             )
         self.timeout: float = float(timeout)
+        if async_save not in (None, True, False):
+            raise ValueError(
+                f"Invalid value for argument `async_save`. Received: async_save={async_save!r}. "
+                "Expected True, False or None (by state size)."
+            )
+        self.async_save: bool | None = async_save
         self._coordinator: strategies.Coordinator = strategies.SingleProcess()
         self._preemption: preemption.PreemptionWatch | None = None
+        self._writer: background_writer.BackgroundWriter = background_writer.for_directory(
+            self.backup_dir
+        )
         self._preempted: bool = False
         self._fits: int = 0
         self.restored: dict[str, Any] | None = None
@@ -134,6 +156,7 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     # ------------------------------------------------------------- fit hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._writer.wait()  # a save left in flight by a fit that raised
         model = self.model
         self._coordinator = strategies.coordinator_for(model)
         self._epoch_iterator = fit_loop.find_epoch_iterator(model)
@@ -214,6 +237,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._preemption is not None:
             self._preemption.uninstall()
             self._preemption = None
+        self._writer.wait()  # fit returns only once the last backup is committed
         # Deleted once, by the chief, after every worker is done with the backup.
         self._coordinator.barrier("train-end", self.timeout)
         if self._coordinator.is_chief:
@@ -269,9 +293,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         variable can be a collective that all workers must join; the replicas
         hold the same state, so the chief's copy is the group's.
         """
-        variables = training_state.live_variables(self.model)
-        arrays = training_state.snapshot(variables)
         collective = strategies.every_process_writes(self._coordinator)
+        if not collective:
+            self._writer.wait()  # at most one save in flight; raises its error
+        variables = training_state.live_variables(self.model)
+        arrays = training_state.snapshot(variables, host_copy=not collective)
         if not (collective or self._coordinator.is_chief):
             self._last_saved_step = self._step
             return
@@ -286,12 +312,29 @@ class BackupAndRestore(keras.callbacks.Callback):
             variables=training_state.manifest_to_json(training_state.manifest(variables)),
             rng=_numpy_rng() if at_epoch_end else self._epoch_rng,
         )
-        if collective:
-            path = self._store.write_collective(record, arrays, self._coordinator, self.timeout)
-        else:
-            path = self._store.write(record, arrays)
         self._last_saved_step = self._step
-        logger.debug("committed epoch %d, batch %d (step %d) to %s", epoch, batch, self._step, path)
+        if collective:
+            # Every process writes its shards of live device arrays: synchronous.
+            path = self._store.write_collective(record, arrays, self._coordinator, self.timeout)
+            logger.debug(
+                "committed epoch %d, batch %d (step %d) to %s", epoch, batch, record.step, path
+            )
+            return
+
+        def write() -> str:
+            path = self._store.write(record, arrays)
+            logger.debug(
+                "committed epoch %d, batch %d (step %d) to %s", epoch, batch, record.step, path
+            )
+            return path
+
+        in_background = self.async_save
+        if in_background is None:
+            in_background = training_state.nbytes(arrays) >= ASYNC_THRESHOLD_BYTES
+        if in_background:
+            self._writer.submit(write)
+        else:
+            write()
 
     def _restore(self, path: str, record: BackupRecord) -> None:
         model = self.model

@@ -90,18 +90,22 @@ def manifest_from_json(data: dict[str, Any]) -> dict[str, list[VariableSpec]]:
     return {group: [VariableSpec.from_json(d) for d in data.get(group, [])] for group in GROUPS}
 
 
-def snapshot(variables: dict[str, list[Any]]) -> dict[str, list[Any]]:
+def snapshot(variables: dict[str, list[Any]], host_copy: bool = True) -> dict[str, list[Any]]:
     """The value of every variable, as Orbax should store it.
 
-    JAX arrays are passed as they are, sharded (Orbax writes each process's
-    shards, and they are immutable); other backends' values are copied to
-    host numpy arrays, safe to keep while training goes on.
+    With `host_copy`, host numpy copies, safe to keep while training goes on
+    (the JAX trainer donates its state buffers to the next step). Without it,
+    the live values: for a JAX multi-host save, where every process writes its
+    own shards of the global arrays before training continues.
     """
-    import keras
-
-    if keras.backend.backend() == "jax":
+    if not host_copy:
         return {group: [v.value for v in variables[group]] for group in GROUPS}
     return {group: [_host_copy(v.value) for v in variables[group]] for group in GROUPS}
+
+
+def nbytes(arrays: dict[str, list[Any]]) -> int:
+    """Total bytes of a snapshot."""
+    return sum(int(getattr(a, "nbytes", 0)) for group in arrays.values() for a in group)
 
 
 def restore_target(
@@ -137,7 +141,9 @@ def _host_copy(value: Any) -> np.ndarray:
     # A tf.Variable (distributed ones included) is read through `read_value`:
     # a SyncOnRead variable under tf.distribute aggregates across replicas there.
     read = getattr(value, "read_value", None)
-    return np.array(ops.convert_to_numpy(read() if read is not None else value), copy=True)
+    array = ops.convert_to_numpy(read() if read is not None else value)
+    # One copy, no more: convert_to_numpy may return a view of the engine's buffer.
+    return np.array(array, copy=True)
 
 
 def first_mismatch(

@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--save-before-preemption", action="store_true")
+    parser.add_argument("--async-save", action="store_true", help="async_save=True")
     parser.add_argument("--heartbeat", type=float, help="ft.strategies.auto(heartbeat_timeout=)")
     parser.add_argument("--sigstop-at-step", type=int, help="SIGSTOP itself there")
     parser.add_argument("--sigterm-at-step", type=int, help="send SIGTERM to itself there")
@@ -168,6 +169,7 @@ def main() -> None:
             delete_checkpoint=not args.keep,
             save_before_preemption=args.save_before_preemption,
             timeout=args.timeout,
+            async_save=True if args.async_save else None,
         )
         callbacks.append(backup)
         if args.kill_during_save:

@@ -310,3 +310,40 @@ def test_whole_state_round_trips_exactly(tmp_path: Path) -> None:
     assert any("moving_variance" in v.path for v in fresh.variables)
     for a, b in zip(saved, restored, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_async_save_commits_before_fit_returns(tmp_path: Path) -> None:
+    callback = ft.BackupAndRestore(
+        tmp_path / "b", save_freq=1, delete_checkpoint=False, async_save=True
+    )
+    make_model().fit(X, Y, batch_size=4, epochs=2, callbacks=[callback], verbose=0)
+    assert sorted(os.listdir(tmp_path / "b")) == [".ft-lock", "ft-step-0000000016"]
+
+
+def test_background_save_error_is_never_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ft.checkpoint_store import CheckpointStore
+
+    original = CheckpointStore._commit
+    calls = {"n": 0}
+
+    def failing_commit(self, tmp, final, record):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device (injected)")
+        return original(self, tmp, final, record)
+
+    monkeypatch.setattr(CheckpointStore, "_commit", failing_commit)
+    callback = ft.BackupAndRestore(tmp_path / "b", save_freq=1, async_save=True)
+    counter = CountBatches()
+    with pytest.raises(OSError, match="No space left on device"):
+        make_model().fit(X, Y, batch_size=4, epochs=2, callbacks=[callback, counter], verbose=0)
+    assert counter.batches < 16, "the error surfaced at a later save, not only at the end"
+    # The step-2 backup committed before the failure is still there.
+    assert "ft-step-0000000002" in os.listdir(tmp_path / "b")
+
+
+def test_invalid_async_save_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="Invalid value for argument `async_save`"):
+        ft.BackupAndRestore(tmp_path, async_save="yes")

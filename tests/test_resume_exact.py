@@ -87,7 +87,8 @@ def test_sigkill_inside_a_save_keeps_the_previous_backup(backend: str, tmp_path:
 
 
 def test_random_sigkills_while_saving_every_batch(backend: str, tmp_path: Path) -> None:
-    """SIGKILL at random moments (mid-save included); the last run ends exact."""
+    """SIGKILL at random moments (mid-save included) with saves committed in the
+    background; the last run ends exact."""
     seed = int(os.environ.get("FT_TORTURE_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
     ref = _reference(backend, tmp_path)
@@ -105,6 +106,7 @@ def test_random_sigkills_while_saving_every_batch(backend: str, tmp_path: Path) 
                 backup,
                 "--save-freq",
                 "1",
+                "--async-save",
             ],
             env=engine_env(backend),
             stdout=subprocess.PIPE,
@@ -126,6 +128,6 @@ def test_random_sigkills_while_saving_every_batch(backend: str, tmp_path: Path) 
         assert len(committed) >= 1, f"seed {seed}: no committed backup after a kill"
         done = max(int(n.split("-")[-1]) for n in committed)
     out = tmp_path / "final.npz"
-    run_scenario(backend, out, "--backup-dir", backup, "--save-freq", "1")
+    run_scenario(backend, out, "--backup-dir", backup, "--save-freq", "1", "--async-save")
     assert report(out)["restored"]["step"] == done, f"seed {seed}"
     assert_same_weights(weights(ref), weights(out))
