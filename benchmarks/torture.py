@@ -42,7 +42,7 @@ def _env(backend: str) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
-    epochs = max(3, (args.kills * 25) // STEPS_PER_EPOCH)
+    epochs = 3 + args.kills  # about one epoch of progress between kills
     work = Path(tempfile.mkdtemp(prefix="ft-torture-"))
     common = ["--strategy", "auto", "--epochs", str(epochs)]
     launch = [sys.executable, "-m", "ft.launch", "-n", str(args.workers)]

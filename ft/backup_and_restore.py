@@ -228,7 +228,9 @@ class BackupAndRestore(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if self.save_freq == "epoch":
+        # After a preemption save, Keras still ends the cut-short epoch: that is
+        # not a completed epoch, and the backup already holds the right batch.
+        if self.save_freq == "epoch" and not self._preempted:
             self._save(epoch=epoch + 1, batch=0, at_epoch_end=True)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:

@@ -27,6 +27,7 @@ import re
 import shutil
 import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ft import errors
@@ -41,6 +42,7 @@ TRASH_PREFIX = ".ft-trash-"
 ARRAYS = "state"
 _COMMITTED = re.compile(r"^ft-step-(\d+)$")
 _CHUNK = 8 << 20
+_IO_THREADS = 4
 
 
 def _fsync_path(path: str, directory: bool = False) -> None:
@@ -162,14 +164,19 @@ class CheckpointStore:
 
     def _commit(self, tmp: str, final: str, record: BackupRecord) -> None:
         """fsync and checksum every file, write the record, rename. Primary only."""
-        record.files = {}
-        for root, dirs, files in os.walk(tmp):
-            for name in files:
-                path = os.path.join(root, name)
-                crc, size = _crc32_and_sync(path)
-                record.files[os.path.relpath(path, tmp)] = {"size": size, "crc32": crc}
-            for name in dirs:
-                _fsync_path(os.path.join(root, name), directory=True)
+        files, dirs = [], []
+        for root, dir_names, file_names in os.walk(tmp):
+            files += [os.path.join(root, name) for name in file_names]
+            dirs += [os.path.join(root, name) for name in dir_names]
+        # zlib.crc32 and fsync release the GIL: checksum and sync files in parallel.
+        with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
+            sums = list(pool.map(_crc32_and_sync, files))
+        record.files = {
+            os.path.relpath(path, tmp): {"size": size, "crc32": crc}
+            for path, (crc, size) in zip(files, sums, strict=True)
+        }
+        for path in dirs:
+            _fsync_path(path, directory=True)
         with open(os.path.join(tmp, RECORD_NAME), "w", encoding="utf-8") as f:
             f.write(record.to_json())
             f.flush()
@@ -253,18 +260,24 @@ class CheckpointStore:
                 missing, truncated or altered file.
         """
         record = self.read_record(path)
-        for relative, expected in sorted(record.files.items()):
+        expected = sorted(record.files.items())
+        for relative, meta in expected:
             file_path = os.path.join(path, relative)
             if not os.path.isfile(file_path):
                 raise self._corrupted(path, file_path, "the file is missing")
             size = os.path.getsize(file_path)
-            if size != expected["size"]:
+            if size != meta["size"]:
                 raise self._corrupted(
-                    path, file_path, f"it has {size} bytes, {expected['size']} were written"
+                    path, file_path, f"it has {size} bytes, {meta['size']} were written"
                 )
-            crc, _ = _crc32(file_path)
-            if crc != expected["crc32"]:
-                raise self._corrupted(path, file_path, "its checksum does not match")
+        paths = [os.path.join(path, relative) for relative, _ in expected]
+        with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
+            sums = list(pool.map(_crc32, paths))
+        for (relative, meta), (crc, _) in zip(expected, sums, strict=True):
+            if crc != meta["crc32"]:
+                raise self._corrupted(
+                    path, os.path.join(path, relative), "its checksum does not match"
+                )
         return record
 
     def read_arrays(self, path: str, target: Any) -> Any:
