@@ -162,7 +162,6 @@ class CheckpointStore:
 
         checkpointer = self._orbax()
         checkpointer.save(os.path.join(tmp, ARRAYS), args=ocp.args.PyTreeSave(arrays))
-        checkpointer.wait_until_finished()
 
     def _commit(self, tmp: str, final: str, record: BackupRecord) -> None:
         """fsync and checksum every file, write the record, rename. Primary only."""
@@ -305,8 +304,10 @@ class CheckpointStore:
 
             # Uncompressed: model state barely compresses, and zstd doubled the
             # write time of a 1 GB state on 2 cores (benchmarks/checkpoint_overhead.py).
+            # Synchronous Orbax: ft already runs it off the training thread on a
+            # private snapshot, and Orbax's async path would copy the state again.
             handler = ocp.PyTreeCheckpointHandler(use_compression=False, use_zarr3=True)
-            self._checkpointer = ocp.AsyncCheckpointer(handler)
+            self._checkpointer = ocp.Checkpointer(handler)
         return self._checkpointer
 
     def _corrupted(self, path: str, file_path: str, why: str) -> errors.CheckpointCorruptedError:

@@ -249,13 +249,11 @@ def _kill_inside_save(backup: ft.BackupAndRestore, nth: int) -> None:
             self.inner = inner
 
         def save(self, *a, **k):
-            return self.inner.save(*a, **k)
-
-        def wait_until_finished(self):
-            self.inner.wait_until_finished()
+            result = self.inner.save(*a, **k)
             calls["n"] += 1
             if calls["n"] == nth:
                 os.kill(os.getpid(), signal.SIGKILL)
+            return result
 
         def __getattr__(self, name):
             return getattr(self.inner, name)
