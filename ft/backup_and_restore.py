@@ -171,7 +171,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._fits += 1
         self._preempted = False
         if self._coordinator.num_processes > 1:
-            _guard_train_function(model, self._coordinator)
+            fit_loop.guard_train_function(model, self._coordinator)
         if self.save_before_preemption:
             self._preemption = preemption.PreemptionWatch(
                 self._coordinator, f"preempt/{self._fits}"
@@ -185,7 +185,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         model._initial_epoch = None  # honoured once, by this fit only
         if resume is not None and resume.epoch == epoch:
             if resume.rng is not None:
-                _set_numpy_rng(resume.rng)
+                training_state.set_numpy_rng(resume.rng)
             if self._pending_metrics is not None:
                 training_state.assign(model.metrics_variables, self._pending_metrics)
             if resume.batch or resume.data_position:
@@ -202,7 +202,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                     )
                     self._batch = resume.batch
         self._pending_metrics = None
-        self._epoch_rng = _numpy_rng()
+        self._epoch_rng = training_state.numpy_rng()
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         done = batch + 1
@@ -217,7 +217,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         if preempt and self._step > stop_at:  # type: ignore[operator]
             logger.warning("preemption save at step %d, after the agreed %s", self._step, stop_at)
         if scheduled or preempt:
-            if done == _num_batches(self._epoch_iterator):
+            if done == fit_loop.num_batches(self._epoch_iterator):
                 # The epoch's last batch: resume at the next epoch's start (a
                 # Keras epoch with no batch left to run cannot end cleanly).
                 self._save(epoch=self._epoch + 1, batch=0, at_epoch_end=True)
@@ -235,7 +235,7 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.model._initial_epoch = None
-        _unguard_train_function(self.model)
+        fit_loop.unguard_train_function(self.model)
         if self._preemption is not None:
             self._preemption.uninstall()
             self._preemption = None
@@ -312,7 +312,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             num_processes=self._coordinator.num_processes,
             written_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
             variables=training_state.manifest_to_json(training_state.manifest(variables)),
-            rng=_numpy_rng() if at_epoch_end else self._epoch_rng,
+            rng=training_state.numpy_rng() if at_epoch_end else self._epoch_rng,
         )
         self._last_saved_step = self._step
         if collective:
@@ -340,7 +340,7 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def _restore(self, path: str, record: BackupRecord) -> None:
         model = self.model
-        _ensure_built(model, self._epoch_iterator)
+        fit_loop.ensure_built(model, self._epoch_iterator)
         variables = training_state.live_variables(model)
         live = training_state.manifest(variables)
         saved = training_state.manifest_from_json(record.variables)
@@ -395,85 +395,3 @@ def _check_save_freq(save_freq: Any, save_before_preemption: bool) -> None:
             "(save every that many batches), or False together with "
             "save_before_preemption=True."
         )
-
-
-def _num_batches(epoch_iterator: Any) -> int | None:
-    return None if epoch_iterator is None else epoch_iterator.num_batches
-
-
-def _numpy_rng() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
-    return {
-        "bit_generator": str(name),
-        "keys": [int(k) for k in keys],
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached_gaussian": float(cached),
-    }
-
-
-def _set_numpy_rng(state: dict[str, Any]) -> None:
-    np.random.set_state(
-        (
-            state["bit_generator"],
-            np.asarray(state["keys"], dtype=np.uint32),
-            state["pos"],
-            state["has_gauss"],
-            state["cached_gaussian"],
-        )
-    )
-
-
-def _ensure_built(model: Any, epoch_iterator: Any) -> None:
-    """Create every variable a restore assigns, as `fit` would at its first step.
-
-    Keras's TensorFlow trainer defers building an unbuilt model to the first
-    traced step, after `on_train_begin`; the JAX trainer builds before it.
-    """
-    unbuilt = not all(layer.built for layer in model._flatten_layers())
-    metrics = getattr(model, "_compile_metrics", None)
-    loss = getattr(model, "_compile_loss", None)
-    if (
-        unbuilt
-        or (metrics is not None and not metrics.built)
-        or (loss is not None and not loss.built)
-    ):
-        spec = None
-        if epoch_iterator is not None and hasattr(epoch_iterator, "_distributed_dataset"):
-            spec = epoch_iterator._distributed_dataset.element_spec
-        if spec is None:
-            raise errors.UnsupportedConfigurationError(
-                f"The model {model.name} is not built, so the backup cannot be restored "
-                "into it. Build it before calling fit(), e.g. by calling it on a batch "
-                "of data or with `model.build(input_shape)`."
-            )
-        model._symbolic_build(data_batch=spec)
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and not optimizer.built:
-        optimizer.build(model.trainable_variables)
-
-
-def _guard_train_function(model: Any, coordinator: Any) -> None:
-    """Make a lost peer surface from a training step as `PeerLostError` naming it.
-
-    The engines detect a dead or frozen peer (heartbeat, broken connection)
-    and fail the step's collective; this turns their error into ft's.
-    """
-    _unguard_train_function(model)
-    original = model.train_function
-    if original is None:
-        return
-
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        where = f"A training step on worker {coordinator.process_index}"
-        with strategies.translate_engine_errors(where, timeout=0):
-            return original(*args, **kwargs)
-
-    guarded._ft_original = original  # type: ignore[attr-defined]
-    model.train_function = guarded
-
-
-def _unguard_train_function(model: Any) -> None:
-    original = getattr(model.train_function, "_ft_original", None)
-    if original is not None:
-        model.train_function = original

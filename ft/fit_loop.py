@@ -1,4 +1,9 @@
-"""The two places where ft reaches into Keras 3's `fit` loop, kept in one module.
+"""Where ft reaches into Keras 3's `fit` loop, kept in one module.
+
+Three hooks: resuming mid-epoch (below), building an unbuilt model before a
+restore (`ensure_built`, since the TensorFlow trainer builds only at its first
+step), and turning an engine's lost-peer error in a training step into
+`PeerLostError` (`guard_train_function`).
 
 Keras 3 has no "initial step": `fit` honours `model._initial_epoch` and always
 starts an epoch at batch 0. To resume mid-epoch, ft finds the `EpochIterator`
@@ -6,7 +11,7 @@ of the running `fit` and, for the resumed epoch only, draws the batches that
 were already trained from the input without training on them, so the loop,
 the callbacks and the progress bar see the true batch index from there on.
 
-Both hooks rely on Keras internals (`fit`'s local `epoch_iterator`, and
+The mid-epoch resume relies on Keras internals (`fit`'s local `epoch_iterator`, and
 `EpochIterator._enumerate_iterator`, `_steps_seen`, `_current_iterator`).
 `tests/test_fit_loop.py` fails the day Keras changes them; until then, if the
 iterator cannot be found ft warns and resumes at the start of the epoch.
@@ -97,3 +102,64 @@ def _discard(iterator: Any, count: int, batch: int) -> None:
                 "epoch. Resume with the same input (same data, batch size and "
                 "steps_per_epoch) that the backed-up run used."
             ) from None
+
+
+def num_batches(epoch_iterator: Any) -> int | None:
+    return None if epoch_iterator is None else epoch_iterator.num_batches
+
+
+def ensure_built(model: Any, epoch_iterator: Any) -> None:
+    """Create every variable a restore assigns, as `fit` would at its first step.
+
+    Keras's TensorFlow trainer defers building an unbuilt model to the first
+    traced step, after `on_train_begin`; the JAX trainer builds before it.
+    """
+    unbuilt = not all(layer.built for layer in model._flatten_layers())
+    metrics = getattr(model, "_compile_metrics", None)
+    loss = getattr(model, "_compile_loss", None)
+    if (
+        unbuilt
+        or (metrics is not None and not metrics.built)
+        or (loss is not None and not loss.built)
+    ):
+        spec = None
+        if epoch_iterator is not None and hasattr(epoch_iterator, "_distributed_dataset"):
+            spec = epoch_iterator._distributed_dataset.element_spec
+        if spec is None:
+            raise errors.UnsupportedConfigurationError(
+                f"The model {model.name} is not built, so the backup cannot be restored "
+                "into it. Build it before calling fit(), e.g. by calling it on a batch "
+                "of data or with `model.build(input_shape)`."
+            )
+        model._symbolic_build(data_batch=spec)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and not optimizer.built:
+        optimizer.build(model.trainable_variables)
+
+
+def guard_train_function(model: Any, coordinator: Any) -> None:
+    """Make a lost peer surface from a training step as `PeerLostError` naming it.
+
+    The engines detect a dead or frozen peer (heartbeat, broken connection)
+    and fail the step's collective; this turns their error into ft's.
+    """
+    unguard_train_function(model)
+    original = model.train_function
+    if original is None:
+        return
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        where = f"A training step on worker {coordinator.process_index}"
+        from ft.strategies import translate_engine_errors
+
+        with translate_engine_errors(where, timeout=0):
+            return original(*args, **kwargs)
+
+    guarded._ft_original = original  # type: ignore[attr-defined]
+    model.train_function = guarded
+
+
+def unguard_train_function(model: Any) -> None:
+    original = getattr(model.train_function, "_ft_original", None)
+    if original is not None:
+        model.train_function = original

@@ -7,6 +7,7 @@ who am I, how many are we, who writes, wait for everyone, share a small value.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -82,6 +83,76 @@ class SingleProcess:
 
     def wait_value(self, name: str, timeout: float) -> str | None:
         return self._values.get(name)
+
+
+class KeyValueCoordinator:
+    """A `Coordinator` built on an engine's coordination service.
+
+    Subclasses provide three primitives (wait at a named barrier, set a key
+    once, wait for a key); the protocol's methods are written once here.
+    Barrier and key names are unique per call, in the same order on every
+    process.
+    """
+
+    def __init__(self, process_index: int, num_processes: int) -> None:
+        self._index = process_index
+        self._count = num_processes
+        self._ids = itertools.count()
+
+    @property
+    def process_index(self) -> int:
+        return self._index
+
+    @property
+    def num_processes(self) -> int:
+        return self._count
+
+    @property
+    def is_chief(self) -> bool:
+        return self._index == 0
+
+    def _wait_at_barrier(self, barrier_id: str, timeout_ms: int) -> None:
+        raise NotImplementedError
+
+    def _set(self, key: str, value: str) -> None:
+        """Store `value`; raise if `key` is already set."""
+        raise NotImplementedError
+
+    def _get(self, key: str, timeout_ms: int) -> str:
+        """The value of `key`, waiting for it; raise on timeout."""
+        raise NotImplementedError
+
+    def barrier(self, name: str, timeout: float) -> None:
+        barrier_id = f"ft/{name}/{next(self._ids)}"
+        with translate_engine_errors(f"barrier {name!r}", timeout):
+            self._wait_at_barrier(barrier_id, int(timeout * 1000))
+
+    def broadcast(self, name: str, value: str | None, timeout: float) -> str:
+        key = f"ft/{name}/{next(self._ids)}"
+        with translate_engine_errors(f"broadcast {name!r}", timeout):
+            if self.is_chief:
+                if value is None:
+                    raise ValueError("the chief must broadcast a value")
+                self._set(key, value)
+                return value
+            return self._get(key, int(timeout * 1000))
+
+    def publish(self, name: str, value: str) -> None:
+        try:
+            self._set(f"ft/{name}", value)
+        except Exception as e:  # the first writer wins
+            if "ALREADY" not in str(e).upper().replace(" ", "_") and "AlreadyExists" not in (
+                type(e).__name__
+            ):
+                raise
+
+    def wait_value(self, name: str, timeout: float) -> str | None:
+        try:
+            return self._get(f"ft/{name}", int(timeout * 1000))
+        except Exception as e:
+            if "DEADLINE" in f"{type(e).__name__} {e}".upper():
+                return None
+            raise
 
 
 class DefaultScope:

@@ -7,12 +7,11 @@ coordination service client, each with a finite timeout.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 from typing import Any
 
-from ft.strategies.base import ClusterSpec, translate_engine_errors
+from ft.strategies.base import ClusterSpec, KeyValueCoordinator
 
 logger = logging.getLogger("ft")
 
@@ -96,10 +95,8 @@ def is_multi_process() -> bool:
     return bool(jax.process_count() > 1)
 
 
-class JaxCoordinator:
+class JaxCoordinator(KeyValueCoordinator):
     """Coordinator over the `jax.distributed` client. One per process."""
-
-    _ids = itertools.count()
 
     def __init__(self) -> None:
         import jax
@@ -107,51 +104,15 @@ class JaxCoordinator:
 
         client = distributed.global_state.client
         if client is None:
-            raise RuntimeError(
-                "jax.distributed is not initialized; call ft.strategies.auto() first"
-            )
+            raise RuntimeError("jax.distributed is not initialized: call ft.strategies.auto()")
         self._client: Any = client
-        self._index = int(jax.process_index())
-        self._count = int(jax.process_count())
+        super().__init__(int(jax.process_index()), int(jax.process_count()))
 
-    @property
-    def process_index(self) -> int:
-        return self._index
+    def _wait_at_barrier(self, barrier_id: str, timeout_ms: int) -> None:
+        self._client.wait_at_barrier(barrier_id, timeout_ms)
 
-    @property
-    def num_processes(self) -> int:
-        return self._count
+    def _set(self, key: str, value: str) -> None:
+        self._client.key_value_set(key, value)
 
-    @property
-    def is_chief(self) -> bool:
-        return self._index == 0
-
-    def barrier(self, name: str, timeout: float) -> None:
-        barrier_id = f"ft/{name}/{next(self._ids)}"
-        with translate_engine_errors(f"barrier {name!r}", timeout):
-            self._client.wait_at_barrier(barrier_id, int(timeout * 1000))
-
-    def broadcast(self, name: str, value: str | None, timeout: float) -> str:
-        key = f"ft/{name}/{next(self._ids)}"
-        with translate_engine_errors(f"broadcast {name!r}", timeout):
-            if self.is_chief:
-                if value is None:
-                    raise ValueError("the chief must broadcast a value")
-                self._client.key_value_set(key, value)
-                return value
-            return str(self._client.blocking_key_value_get(key, int(timeout * 1000)))
-
-    def publish(self, name: str, value: str) -> None:
-        try:
-            self._client.key_value_set(f"ft/{name}", value)
-        except Exception as e:  # the first writer wins
-            if "ALREADY_EXISTS" not in str(e).upper().replace(" ", "_"):
-                raise
-
-    def wait_value(self, name: str, timeout: float) -> str | None:
-        try:
-            return str(self._client.blocking_key_value_get(f"ft/{name}", int(timeout * 1000)))
-        except Exception as e:
-            if "DEADLINE" in str(e).upper():
-                return None
-            raise
+    def _get(self, key: str, timeout_ms: int) -> str:
+        return str(self._client.blocking_key_value_get(key, timeout_ms))

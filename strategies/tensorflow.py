@@ -7,11 +7,10 @@ Barriers and small broadcasts go through TensorFlow's coordination service
 
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import Any
 
-from ft.strategies.base import ClusterSpec, translate_engine_errors
+from ft.strategies.base import ClusterSpec, KeyValueCoordinator
 
 logger = logging.getLogger("ft")
 
@@ -70,65 +69,27 @@ def is_multi_worker(strategy: Any) -> bool:
     )
 
 
-class TFCoordinator:
+class TFCoordinator(KeyValueCoordinator):
     """Coordinator over TensorFlow's coordination service. One per process."""
-
-    _ids = itertools.count()
 
     def __init__(self, strategy: Any) -> None:
         resolver = strategy.cluster_resolver
         spec = resolver.cluster_spec()
         chiefs = spec.num_tasks("chief") if "chief" in spec.jobs else 0
         index = resolver.task_id + (chiefs if resolver.task_type == "worker" else 0)
-        self._index = int(index)
-        self._count = int(strategy.extended._num_workers)
+        super().__init__(int(index), int(strategy.extended._num_workers))
 
-    @property
-    def process_index(self) -> int:
-        return self._index
-
-    @property
-    def num_processes(self) -> int:
-        return self._count
-
-    @property
-    def is_chief(self) -> bool:
-        return self._index == 0
-
-    def barrier(self, name: str, timeout: float) -> None:
+    def _wait_at_barrier(self, barrier_id: str, timeout_ms: int) -> None:
         from tensorflow.python.eager import context
 
-        barrier_id = f"ft/{name}/{next(self._ids)}"
-        with translate_engine_errors(f"barrier {name!r}", timeout):
-            context.context().wait_at_barrier(barrier_id, int(timeout * 1000))
+        context.context().wait_at_barrier(barrier_id, timeout_ms)
 
-    def broadcast(self, name: str, value: str | None, timeout: float) -> str:
+    def _set(self, key: str, value: str) -> None:
         from tensorflow.python.eager import context
 
-        key = f"ft/{name}/{next(self._ids)}"
-        with translate_engine_errors(f"broadcast {name!r}", timeout):
-            if self.is_chief:
-                if value is None:
-                    raise ValueError("the chief must broadcast a value")
-                context.context().set_config_key_value(key, value)
-                return value
-            return str(context.context().get_config_key_value(key, int(timeout * 1000)))
+        context.context().set_config_key_value(key, value)
 
-    def publish(self, name: str, value: str) -> None:
+    def _get(self, key: str, timeout_ms: int) -> str:
         from tensorflow.python.eager import context
 
-        try:
-            context.context().set_config_key_value(f"ft/{name}", value)
-        except Exception as e:  # the first writer wins
-            if "AlreadyExists" not in f"{type(e).__name__}: {e}":
-                raise
-
-    def wait_value(self, name: str, timeout: float) -> str | None:
-        from tensorflow.python.eager import context
-
-        try:
-            return str(context.context().get_config_key_value(f"ft/{name}", int(timeout * 1000)))
-        except Exception as e:
-            if "DeadlineExceeded" in f"{type(e).__name__}: {e}":
-                return None
-            raise
+        return str(context.context().get_config_key_value(key, timeout_ms))
