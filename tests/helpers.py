@@ -60,3 +60,15 @@ def assert_same_weights(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> N
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def launch(backend: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m ft.launch ARGS` on `backend`, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "ft.launch", *args],
+        env=engine_env(backend, TF_CPP_MIN_LOG_LEVEL="3"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests import helpers
 from tests.helpers import (
-    ROOT,
     SCENARIO,
     assert_same_weights,
-    engine_env,
     report,
     run_scenario,
     weights,
@@ -26,14 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 def launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ft.launch", *args],
-        env=engine_env("jax"),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    return helpers.launch("jax", *args, timeout=timeout)
 
 
 def two_process_reference(out: Path, *extra: str) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import ft
+from tests import helpers
 from tests.helpers import (
     ROOT,
     SCENARIO,
@@ -58,14 +59,7 @@ def test_one_process_sigterm_saves_exits_42_and_resumes_exactly(
 
 
 def _launch(backend: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ft.launch", *args],
-        env=engine_env(backend, TF_CPP_MIN_LOG_LEVEL="3"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+    return helpers.launch(backend, *args)
 
 
 @pytest.mark.parametrize("engine", ["tensorflow", "jax"])

@@ -9,26 +9,19 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, SCENARIO, assert_same_weights, engine_env, report, weights
+from tests import helpers
+from tests.helpers import SCENARIO, assert_same_weights, report, weights
 
 pytestmark = pytest.mark.slow
 
 
 def launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ft.launch", *args],
-        env=engine_env("tensorflow", TF_CPP_MIN_LOG_LEVEL="3"),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    return helpers.launch("tensorflow", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
