@@ -34,7 +34,6 @@ class BackgroundWriter:
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.last_result: Any = None
 
     def submit(self, save: Callable[[], Any]) -> None:
         """Wait for the save in flight (raising its error), then start `save`."""
@@ -42,7 +41,7 @@ class BackgroundWriter:
 
         def run() -> None:
             try:
-                self.last_result = save()
+                save()
             except BaseException as e:  # surfaced by the next submit() or wait()
                 self._error = e
 
@@ -58,7 +57,3 @@ class BackgroundWriter:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()

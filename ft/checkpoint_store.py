@@ -53,24 +53,20 @@ def _fsync_path(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _crc32(path: str, sync: bool = False) -> tuple[int, int]:
+    """CRC32 and size of a file, fsyncing it on the way when `sync`."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return crc, size
+
+
 def _crc32_and_sync(path: str) -> tuple[int, int]:
-    """CRC32 and size of a file, fsyncing it on the way."""
-    crc, size = 0, 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-        os.fsync(f.fileno())
-    return crc, size
-
-
-def _crc32(path: str) -> tuple[int, int]:
-    crc, size = 0, 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-    return crc, size
+    return _crc32(path, sync=True)
 
 
 class CheckpointStore:

@@ -47,7 +47,3 @@ def release(directory: str) -> None:
     fd = _held.pop(path, None)
     if fd is not None:
         os.close(fd)
-
-
-def is_held(directory: str) -> bool:
-    return os.path.realpath(os.path.join(directory, LOCK_NAME)) in _held

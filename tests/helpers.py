@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,35 @@ def launch(backend: str, *args: str, timeout: float = 300) -> subprocess.Complet
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def kill_peer_and_time_survivor(
+    backend: str, tmp_path: Path
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Two workers; worker 1 SIGKILLs itself at step 10; no restart, a 120 s grace
+    period and a worker 0 that ignores SIGTERM, so only failure detection can end
+    worker 0. Returns the launcher's result and its wall time."""
+    start = time.monotonic()
+    proc = launch(
+        backend,
+        "-n",
+        "2",
+        "--grace-period",
+        "120",
+        str(SCENARIO),
+        "--strategy",
+        "auto",
+        "--backup-dir",
+        str(tmp_path / "b"),
+        "--save-freq",
+        "5",
+        "--kill-at-step",
+        "10",
+        "--kill-worker",
+        "1",
+        "--ignore-sigterm",
+        "--out",
+        str(tmp_path / "w{index}.npz"),
+        timeout=200,
+    )
+    return proc, time.monotonic() - start

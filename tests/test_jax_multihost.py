@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -184,29 +183,7 @@ def test_one_process_backup_resumes_in_two_processes(tmp_path: Path) -> None:
 
 
 def test_survivor_of_a_killed_peer_exits_in_bounded_time(tmp_path: Path) -> None:
-    start = time.monotonic()
-    proc = launch(
-        "-n",
-        "2",
-        "--grace-period",
-        "120",
-        str(SCENARIO),
-        "--strategy",
-        "auto",
-        "--backup-dir",
-        str(tmp_path / "b"),
-        "--save-freq",
-        "5",
-        "--kill-at-step",
-        "10",
-        "--kill-worker",
-        "1",
-        "--ignore-sigterm",
-        "--out",
-        str(tmp_path / "w{index}.npz"),
-        timeout=200,
-    )
-    elapsed = time.monotonic() - start
+    proc, elapsed = helpers.kill_peer_and_time_survivor("jax", tmp_path)
     assert proc.returncode == 137, proc.stdout[-4000:]
     assert "ignored SIGTERM" not in proc.stdout, "the survivor had to be SIGKILLed: it hung"
     assert elapsed < 110, f"survivor took {elapsed:.0f} s to leave"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -138,29 +137,7 @@ def test_only_the_chief_writes_into_backup_dir(tmp_path: Path) -> None:
 def test_survivor_of_a_killed_peer_exits_in_bounded_time(tmp_path: Path) -> None:
     """No restart, a long grace period and a survivor that ignores SIGTERM:
     only ft and TensorFlow's failure detection can end worker 0."""
-    start = time.monotonic()
-    proc = launch(
-        "-n",
-        "2",
-        "--grace-period",
-        "120",
-        str(SCENARIO),
-        "--strategy",
-        "auto",
-        "--backup-dir",
-        str(tmp_path / "b"),
-        "--save-freq",
-        "5",
-        "--kill-at-step",
-        "10",
-        "--kill-worker",
-        "1",
-        "--ignore-sigterm",
-        "--out",
-        str(tmp_path / "w{index}.npz"),
-        timeout=200,
-    )
-    elapsed = time.monotonic() - start
+    proc, elapsed = helpers.kill_peer_and_time_survivor("tensorflow", tmp_path)
     assert proc.returncode == 137, proc.stdout[-4000:]
     assert "worker 1 exited with code 137; no restart left" in proc.stdout
     assert "ignored SIGTERM" not in proc.stdout, "the survivor had to be SIGKILLed: it hung"
