@@ -115,7 +115,8 @@ def test_random_sigkills_while_saving_every_batch(backend: str, tmp_path: Path) 
         )
         assert proc.stdout is not None
         for line in proc.stdout:
-            # "step N" counts this run's batches, printed once the batch's save committed.
+            # "step N" counts this run's batches, printed once the batch's save was handed
+            # to the background writer (it commits a little later).
             if line.startswith("step "):
                 if int(line.split()[1]) >= target - done:
                     time.sleep(rng.uniform(0, 0.05))  # lands inside a save some of the time
@@ -125,7 +126,11 @@ def test_random_sigkills_while_saving_every_batch(backend: str, tmp_path: Path) 
         assert proc.returncode == -signal.SIGKILL, f"seed {seed}: run ended on its own"
         kills += 1
         committed = [n for n in os.listdir(backup) if n.startswith("ft-step-")]
-        assert len(committed) >= 1, f"seed {seed}: no committed backup after a kill"
+        # Saves commit in the background, so a kill can land before the first
+        # commit; once a backup is committed, a kill must never lose it.
+        assert committed or done == 0, f"seed {seed}: the committed backup was lost"
+        if not committed:
+            continue
         done = max(int(n.split("-")[-1]) for n in committed)
     out = tmp_path / "final.npz"
     run_scenario(backend, out, "--backup-dir", backup, "--save-freq", "1", "--async-save")
