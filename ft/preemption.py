@@ -11,7 +11,9 @@ with `PREEMPTED_EXIT_CODE`, which `python -m ft.launch` treats as "restart me".
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -76,6 +78,10 @@ class PreemptionWatch:
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._signalled.set()
+        marker = os.environ.get("FT_SIGTERM_FILE")  # set by python -m ft.launch
+        if marker:  # tells the launcher which worker was preempted
+            with contextlib.suppress(OSError):
+                open(marker, "w").close()
 
     def _listen(self) -> None:
         while not self._stopping.is_set():

@@ -28,6 +28,27 @@ if mode == "always-fail" and index == 1:
     sys.exit(5)
 if mode == "kill-self" and index == 0:
     os.kill(os.getpid(), 9)
+if mode == "noisy":
+    print("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR")
+    print("I0000 00:00:1795661451.562046    7328 port.cc:153] oneDNN custom operations are on.")
+    print("E0000 00:00:1795661451.562046    7328 worker.cc:1] a real engine error")
+if mode == "die-first" and index == 1:
+    print("last words", flush=True)
+    sys.exit(7)
+if mode == "die-first" and index == 0:
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(600)
+if mode == "preempt-1" and restart == 0:
+    mine = os.environ["FT_SIGTERM_FILE"]
+    if index == 1:
+        open(mine, "w").close()  # what ft does when this worker gets SIGTERM
+        time.sleep(1)
+    else:
+        other = mine[: -len(str(index))] + "1"
+        while not os.path.exists(other):
+            time.sleep(0.01)
+    sys.exit(42)
 if mode == "sleep":
     with open(sys.argv[2] + f".{index}", "w") as f:
         f.write(str(os.getpid()))
@@ -62,6 +83,71 @@ def test_exits_with_the_failing_code_when_no_restart_is_left(tmp_path: Path) -> 
     assert proc.returncode == 5
     assert proc.stdout.count("[worker 1] ready") == 2
     assert "no restart left (1 of 1 used)" in proc.stdout
+
+
+def test_a_death_is_reported_before_the_others_are_stopped(tmp_path: Path) -> None:
+    proc = run_launch(tmp_path, "-n", "2", "--grace-period", "1", "die-first")
+    assert proc.returncode == 7, proc.stdout
+    lines = proc.stdout.splitlines()
+    died = lines.index(
+        "[ft.launch] worker 1 exited with code 7; no restart left (0 of 0 used), "
+        "stopping the other workers and exiting"
+    )
+    assert lines.index("[worker 1] last words") < died
+    assert died < lines.index("[ft.launch] worker 0 ignored SIGTERM; sending SIGKILL")
+
+
+def test_the_worker_that_got_sigterm_is_named(tmp_path: Path) -> None:
+    # Worker 0 exits 42 first; worker 1 is the one that was preempted.
+    proc = run_launch(tmp_path, "-n", "2", "preempt-1")
+    assert proc.returncode == 0, proc.stdout
+    assert (
+        "[ft.launch] worker 1 was preempted and saved (exit 42); restarting the group "
+        "(preemption 1, not counted as a restart)"
+    ) in proc.stdout
+
+
+def test_engine_logs_are_hidden_unless_asked_for(tmp_path: Path) -> None:
+    quiet = run_launch(tmp_path, "-n", "1", "noisy")
+    assert quiet.returncode == 0, quiet.stdout
+    assert "oneDNN" not in quiet.stdout and "absl::InitializeLog" not in quiet.stdout
+    assert (
+        "[worker 0] E0000 00:00:1795661451.562046    7328 worker.cc:1] a real engine error"
+        in quiet.stdout
+    )
+    loud = run_launch(tmp_path, "--engine-logs", "-n", "1", "noisy")
+    assert "[worker 0] I0000 00:00:1795661451.562046    7328 port.cc:153] oneDNN" in loud.stdout
+    assert "absl::InitializeLog" in loud.stdout
+
+
+def test_help_documents_variables_exit_codes_and_scope() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ft.launch", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 0
+    for needle in (
+        "TF_CONFIG",
+        "FT_PROCESS_INDEX",
+        "FT_NUM_PROCESSES",
+        "FT_RESTART_COUNT",
+        "FT_SIGTERM_FILE",
+        " 42 ",
+        " 130 ",
+        " 143 ",
+        "on this machine",
+        "On a cluster",
+        "--engine-logs",
+        "TF_CPP_MIN_LOG_LEVEL",
+    ):
+        assert needle in proc.stdout, needle
+
+
+def test_no_arguments_names_only_what_is_required() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ft.launch"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 2
+    assert "required: -n/--num-workers, script\n" in proc.stderr
 
 
 def test_signal_death_is_reported_as_128_plus_signal(tmp_path: Path) -> None:

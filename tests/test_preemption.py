@@ -111,7 +111,7 @@ def test_sigterm_to_one_worker_saves_same_step_on_all_and_relaunch_resumes(
         assert report(tmp_path / f"w{index}.npz")["restored"]["step"] == 22
         assert_same_weights(weights(tmp_path / "ref0.npz"), weights(tmp_path / f"w{index}.npz"))
     assert re.search(
-        r"worker \d was preempted and saved \(exit 42\); restarting the group", proc.stdout
+        r"worker 1 was preempted and saved \(exit 42\); restarting the group", proc.stdout
     )
 
 
