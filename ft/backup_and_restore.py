@@ -32,8 +32,11 @@ class BackupAndRestore(keras.callbacks.Callback):
     `save_freq` batches, and when training restarts after an interruption, the
     next `Model.fit` restores the newest backup and continues from the same
     epoch **and batch**: only the batches that were left are run, and callbacks
-    and the progress bar see their true batch index. At most one backup is
-    kept; it is deleted when `fit` completes unless `delete_checkpoint=False`.
+    and the progress bar see their true batch index. The newest `max_to_keep`
+    backups are kept (one by default, two with `double_checkpoint=True`); they
+    are deleted when `fit` completes unless `delete_checkpoint=False`. A backup
+    found damaged at restore is moved aside and never loaded, and training
+    resumes from the newest intact one kept.
 
     The training state is every model variable (trainable or not: BatchNorm
     statistics, seed generator states), every optimizer variable including
@@ -80,13 +83,24 @@ class BackupAndRestore(keras.callbacks.Callback):
             the end of each epoch; an integer saves every `save_freq` batches
             (counted across epochs). `False` saves only before preemption and
             requires `save_before_preemption=True`. Defaults to `"epoch"`.
-        delete_checkpoint: Boolean. If `True`, the backup is deleted when
-            `fit` completes. Use `False` to keep it. Defaults to `True`.
+        double_checkpoint: Boolean. If `True`, the previous backup is kept
+            beside the newest one, and training falls back to it when the
+            newest is found damaged (Keras's meaning). It keeps at least two
+            backups: `max(max_to_keep, 2)`. Defaults to `False`.
+        delete_checkpoint: Boolean. If `True`, every backup ft wrote
+            (damaged ones moved aside included) is deleted when `fit`
+            completes. Use `False` to keep them. Defaults to `True`.
         save_before_preemption: Boolean. If `True`, a SIGTERM to any worker
             makes every worker save a backup of the same step at a batch
             boundary soon after, leave `fit`, and exit the process with code
             `ft.PREEMPTED_EXIT_CODE` (42), which means "preempted, restart me"
             to `python -m ft.launch`. The backup is kept. Defaults to `False`.
+        max_to_keep: Keyword-only positive integer, how many committed
+            backups to keep, newest first; older ones are deleted after each
+            commit. A backup found damaged is moved aside to
+            `.ft-damaged-<step>-<id>/` (named in a WARNING, listed by
+            `python -m ft inspect`) and does not count. Defaults to 1, as
+            in Keras (2 when `double_checkpoint=True`).
         timeout: Keyword-only float, seconds any wait for the other workers
             may take (agreeing on a backup, loading it, finishing). A worker
             that does not arrive in time raises `ft.errors.BarrierTimeoutError`
@@ -106,9 +120,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         self,
         backup_dir: str | os.PathLike[str],
         save_freq: str | int | bool = "epoch",
+        double_checkpoint: bool = False,
         delete_checkpoint: bool = True,
         save_before_preemption: bool = False,
         *,
+        max_to_keep: int = 1,
         timeout: float = strategies.DEFAULT_TIMEOUT,
         async_save: bool | None = None,
     ) -> None:
@@ -122,6 +138,18 @@ class BackupAndRestore(keras.callbacks.Callback):
         _check_save_freq(save_freq, save_before_preemption)
         self.backup_dir: str = os.fspath(backup_dir)
         self.save_freq = save_freq
+        if (
+            not isinstance(max_to_keep, numbers.Integral)
+            or isinstance(max_to_keep, bool)
+            or (max_to_keep < 1)
+        ):
+            raise ValueError(
+                "Invalid value for argument `max_to_keep`. "
+                f"Received: max_to_keep={max_to_keep!r}. Expected a positive integer "
+                "(how many committed backups to keep)."
+            )
+        self.double_checkpoint = bool(double_checkpoint)
+        self.max_to_keep = int(max_to_keep)
         self.delete_checkpoint = delete_checkpoint
         self.save_before_preemption = bool(save_before_preemption)
         if not isinstance(timeout, numbers.Real) or not 0 < timeout < float("inf"):
@@ -144,7 +172,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._preempted: bool = False
         self._fits: int = 0
         self.restored: dict[str, Any] | None = None
-        self._store: CheckpointStore = CheckpointStore(self.backup_dir)
+        keep = max(self.max_to_keep, 2) if self.double_checkpoint else self.max_to_keep
+        self._store: CheckpointStore = CheckpointStore(self.backup_dir, max_to_keep=keep)
         self._epoch_iterator: Any = None
         self._step: int = 0
         self._last_saved_step: int = 0

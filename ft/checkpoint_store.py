@@ -7,13 +7,18 @@ Layout of `backup_dir`::
         ft-backup.json       the record (metadata.BackupRecord), written last
     .ft-tmp-<step>-<id>/     a backup being written: never read, removed on restart
     .ft-trash-<id>/          a replaced backup being deleted: never read
+    .ft-damaged-<step>-<id>/ a backup found damaged, moved aside: never read,
+                             kept for `python -m ft inspect`
     .ft-lock                 held by the live run (dir_lock)
 
 A backup is written under a temporary name, every file is fsynced and its
 size and CRC32 recorded, the record is written and fsynced, and only then is
-the directory renamed to its committed name and the parent fsynced. The
-previous backup is removed after that, so a SIGKILL at any moment leaves at
-least one committed, complete backup (once the first one exists).
+the directory renamed to its committed name and the parent fsynced. Backups
+beyond the newest `max_to_keep` are removed after that, so a SIGKILL at any
+moment leaves at least one committed, complete backup (once the first one
+exists). A backup found damaged is renamed aside, out of the committed names,
+so it never counts as newer than an intact one and never takes an intact
+backup's place in the `max_to_keep` kept.
 
 Writing methods are called by the primary process only; reading methods on
 every process.
@@ -39,6 +44,7 @@ logger = logging.getLogger("ft")
 PREFIX = "ft-step-"
 TMP_PREFIX = ".ft-tmp-"
 TRASH_PREFIX = ".ft-trash-"
+DAMAGED_PREFIX = ".ft-damaged-"
 ARRAYS = "state"
 _COMMITTED = re.compile(r"^ft-step-(\d+)$")
 _CHUNK = 8 << 20
@@ -74,10 +80,13 @@ class CheckpointStore:
 
     Args:
         backup_dir: String or path-like, the directory that holds the backups.
+        max_to_keep: Positive integer, how many committed backups to keep
+            (the newest ones). Defaults to 1.
     """
 
-    def __init__(self, backup_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, backup_dir: str | os.PathLike[str], max_to_keep: int = 1) -> None:
         self.directory = os.path.abspath(os.fspath(backup_dir))
+        self.max_to_keep = max_to_keep
         self._checkpointer: Any = None
 
     # ------------------------------------------------------------------ writer
@@ -111,11 +120,12 @@ class CheckpointStore:
         """Commit a backup of `arrays` described by `record`. Primary process only.
 
         Returns:
-            The committed backup's directory. When a backup of the same step is
-            already committed it is kept as is (same step, same state).
+            The committed backup's directory. When an intact backup of the same
+            step is already committed it is kept as is (same step, same state);
+            a damaged one is moved aside and replaced.
         """
         final = self._final(record.step)
-        if os.path.isdir(final):
+        if self._keep_existing(final):
             return final
         tmp = self._new_tmp(record.step)
         self._write_arrays(tmp, arrays)
@@ -134,7 +144,8 @@ class CheckpointStore:
         final = self._final(record.step)
         name = None
         if coordinator.is_chief:
-            name = "" if os.path.isdir(final) else os.path.basename(self._new_tmp(record.step))
+            keep = self._keep_existing(final)
+            name = "" if keep else os.path.basename(self._new_tmp(record.step))
         name = coordinator.broadcast("save-dir", name, timeout)
         if not name:
             return final
@@ -144,6 +155,17 @@ class CheckpointStore:
         if coordinator.is_chief:
             self._commit(tmp, final, record)
         return final
+
+    def _keep_existing(self, final: str) -> bool:
+        """Whether `final` holds an intact backup; a damaged one is moved aside."""
+        if not os.path.isdir(final):
+            return False
+        try:
+            self.verify(final)
+        except errors.CheckpointCorruptedError as e:
+            self.set_aside(final, e)
+            return False
+        return True
 
     def _final(self, step: int) -> str:
         return os.path.join(self.directory, f"{PREFIX}{step:010d}")
@@ -181,18 +203,57 @@ class CheckpointStore:
         _fsync_path(tmp, directory=True)
         os.rename(tmp, final)
         _fsync_path(self.directory, directory=True)
-        for older in self.committed()[1:]:
+        # Only committed names count: a damaged backup was moved aside and
+        # never takes the place of an intact one.
+        for older in self.committed()[self.max_to_keep :]:
             self._discard(older)
+
+    def set_aside(self, path: str, reason: Exception) -> str:
+        """Rename the damaged backup `path` out of the committed names. Primary process only.
+
+        It is kept (for `python -m ft inspect`) until `delete` or the user
+        removes it, and is never read again.
+
+        Returns:
+            Its new directory.
+        """
+        match = _COMMITTED.match(os.path.basename(path))
+        step = int(match.group(1)) if match else 0
+        aside = os.path.join(self.directory, f"{DAMAGED_PREFIX}{step}-{uuid.uuid4().hex[:12]}")
+        os.rename(path, aside)
+        _fsync_path(self.directory, directory=True)
+        logger.warning(
+            "Moved the damaged backup %s aside to %s; it will not be loaded. "
+            "Inspect it with `python -m ft inspect %s`, then delete it. Cause: %s",
+            path,
+            aside,
+            self.directory,
+            reason,
+        )
+        return aside
+
+    def damaged(self) -> list[str]:
+        """Backups moved aside as damaged, highest step first. Call on any process."""
+        found = []
+        for name in self._names():
+            if name.startswith(DAMAGED_PREFIX):
+                step = name[len(DAMAGED_PREFIX) :].split("-", 1)[0]
+                found.append((int(step) if step.isdigit() else -1, name))
+        return [os.path.join(self.directory, n) for _, n in sorted(found, reverse=True)]
 
     def delete(self) -> None:
         """Remove every file ft wrote, never the user's own. Primary process only.
 
-        `backup_dir` itself is removed only when nothing else is left in it.
+        This includes backups moved aside as damaged: the run that owned
+        them completed. `backup_dir` itself is removed only when nothing else
+        is left in it.
         """
         if not os.path.isdir(self.directory):
             return
         for name in self._names():
-            if _COMMITTED.match(name) or name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            if _COMMITTED.match(name) or name.startswith(
+                (TMP_PREFIX, TRASH_PREFIX, DAMAGED_PREFIX)
+            ):
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
         from ft import dir_lock
 
@@ -223,21 +284,27 @@ class CheckpointStore:
     def latest(self) -> tuple[str, BackupRecord] | None:
         """The newest intact backup and its record, or None when there is none.
 
-        Call on any process. Every file is checked against its recorded size and
-        CRC32; a damaged backup is skipped for an older intact one.
+        Primary process only. Every file is checked against its recorded size
+        and CRC32. Damaged backups newer than the newest intact one are moved
+        aside (`set_aside`), so the next save of their step replaces them and
+        they never push an intact backup out of the `max_to_keep` kept. When
+        none is intact, nothing is moved and the newest one's damage is raised.
 
         Raises:
             CheckpointCorruptedError: when backups exist but none is intact.
         """
-        failure: errors.CheckpointCorruptedError | None = None
+        damaged: list[tuple[str, errors.CheckpointCorruptedError]] = []
         for path in self.committed():
             try:
-                return path, self.verify(path)
+                record = self.verify(path)
             except errors.CheckpointCorruptedError as e:
-                logger.warning("%s", e)
-                failure = failure or e
-        if failure is not None:
-            raise failure
+                damaged.append((path, e))
+                continue
+            for bad, why in damaged:
+                self.set_aside(bad, why)
+            return path, record
+        if damaged:
+            raise damaged[0][1]
         return None
 
     def read_record(self, path: str) -> BackupRecord:

@@ -1,7 +1,9 @@
 """`python -m ft inspect BACKUP_DIR [--json]`: what a backup holds and whether it is intact.
 
-Reads only; writes nothing into `backup_dir`. Exit codes: 0 when every
-committed backup is intact, 1 when one is damaged, 3 when there is none.
+Reads only; writes nothing into `backup_dir`. Backups that a run found damaged
+and moved aside (`.ft-damaged-<step>-<id>/`) are listed and checked too. Exit
+codes: 0 when every committed backup is intact, 1 when one is damaged, 3 when
+there is none.
 """
 
 from __future__ import annotations
@@ -24,37 +26,42 @@ EXIT_INTACT, EXIT_DAMAGED, EXIT_NO_BACKUP = 0, 1, 3
 def describe(backup_dir: str) -> dict[str, Any]:
     """Everything `inspect` reports about `backup_dir`, as a JSON-ready dict."""
     store = CheckpointStore(backup_dir)
-    backups = []
-    for path in store.committed():
-        entry: dict[str, Any] = {"path": path, "name": os.path.basename(path)}
-        try:
-            record = store.read_record(path)
-            entry.update(
-                epoch=record.epoch,
-                batch=record.batch,
-                step=record.step,
-                written_at=record.written_at,
-                num_processes=record.num_processes,
-                backend=record.backend,
-                files=len(record.files),
-                size_bytes=sum(f["size"] for f in record.files.values()),
-                variables={g: len(v) for g, v in record.variables.items()},
-            )
-            store.verify(path)
-            entry.update(intact=True, problem=None)
-        except errors.CheckpointCorruptedError as e:
-            entry.update(intact=False, problem=str(e))
-        backups.append(entry)
+    backups = [_entry(store, path) for path in store.committed()]
+    moved_aside = [_entry(store, path) for path in store.damaged()]
     names = sorted(os.listdir(store.directory)) if os.path.isdir(store.directory) else []
     leftovers = [n for n in names if n.startswith((TMP_PREFIX, TRASH_PREFIX))]
     return {
         "backup_dir": store.directory,
         "exists": os.path.isdir(store.directory),
         "backups": backups,
+        "moved_aside": moved_aside,
         "leftovers": leftovers,
         "live_run": _live_run(store.directory),
         "ok": bool(backups) and all(b["intact"] for b in backups),
     }
+
+
+def _entry(store: CheckpointStore, path: str) -> dict[str, Any]:
+    """What one backup directory holds, and whether every file is intact."""
+    entry: dict[str, Any] = {"path": path, "name": os.path.basename(path)}
+    try:
+        record = store.read_record(path)
+        entry.update(
+            epoch=record.epoch,
+            batch=record.batch,
+            step=record.step,
+            written_at=record.written_at,
+            num_processes=record.num_processes,
+            backend=record.backend,
+            files=len(record.files),
+            size_bytes=sum(f["size"] for f in record.files.values()),
+            variables={g: len(v) for g, v in record.variables.items()},
+        )
+        store.verify(path)
+        entry.update(intact=True, problem=None)
+    except errors.CheckpointCorruptedError as e:
+        entry.update(intact=False, problem=str(e))
+    return entry
 
 
 def _live_run(directory: str) -> str | None:
@@ -104,6 +111,16 @@ def render(report: dict[str, Any]) -> str:
             )
             lines.append(f"    size:       {_size(b['size_bytes'])} in {b['files']} files")
         status = "intact (sizes and CRC32 checksums verified)" if b["intact"] else "DAMAGED"
+        lines.append(f"    status:     {status}")
+        if b["problem"]:
+            lines.append(f"    problem:    {b['problem']}")
+    for b in report["moved_aside"]:
+        lines.append(f"  {b['name']} (moved aside: found damaged by a run, never loaded)")
+        if "epoch" in b:
+            lines.append(
+                f"    was:        epoch {b['epoch']}, batch {b['batch']} (global step {b['step']})"
+            )
+        status = "no damage found now" if b["intact"] else "DAMAGED"
         lines.append(f"    status:     {status}")
         if b["problem"]:
             lines.append(f"    problem:    {b['problem']}")

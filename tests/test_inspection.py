@@ -78,9 +78,26 @@ def test_no_backup_and_leftovers(tmp_path: Path) -> None:
     assert inspect(str(tmp_path / "missing")).returncode == 3
 
 
-def test_live_run_is_reported(backup_dir: Path) -> None:
-    from ft import dir_lock
+def test_backup_moved_aside_as_damaged_is_listed(backup_dir: Path) -> None:
+    (backup,) = [p for p in backup_dir.iterdir() if p.name.startswith("ft-step-")]
+    victim = max(
+        (p for p in (backup / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+    )
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    victim.write_bytes(bytes(data))
+    backup.rename(backup_dir / ".ft-damaged-6-0123abcd")
+    proc = inspect(str(backup_dir))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert ".ft-damaged-6-0123abcd (moved aside: found damaged by a run" in proc.stdout
+    assert "was:        epoch 2, batch 0 (global step 6)" in proc.stdout
+    assert "DAMAGED" in proc.stdout
+    report = json.loads(inspect(str(backup_dir), "--json").stdout)
+    (aside,) = report["moved_aside"]
+    assert aside["step"] == 6 and aside["intact"] is False and report["backups"] == []
 
+
+def test_live_run_is_reported(backup_dir: Path) -> None:
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -99,7 +116,7 @@ def test_live_run_is_reported(backup_dir: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
-    assert dir_lock.LOCK_NAME == ".ft-lock"
+    assert "live run:   none" in inspect(str(backup_dir)).stdout
 
 
 def test_unknown_command_prints_usage() -> None:
