@@ -138,20 +138,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         _check_save_freq(save_freq, save_before_preemption)
         self.backup_dir: str = os.fspath(backup_dir)
         self.save_freq = save_freq
-        if (
-            not isinstance(max_to_keep, numbers.Integral)
-            or isinstance(max_to_keep, bool)
-            or (max_to_keep < 1)
-        ):
-            raise ValueError(
-                "Invalid value for argument `max_to_keep`. "
-                f"Received: max_to_keep={max_to_keep!r}. Expected a positive integer "
-                "(how many committed backups to keep)."
-            )
-        self.double_checkpoint = bool(double_checkpoint)
-        self.max_to_keep = int(max_to_keep)
-        self.delete_checkpoint = delete_checkpoint
-        self.save_before_preemption = bool(save_before_preemption)
+        self.double_checkpoint: bool = bool(double_checkpoint)
+        self.max_to_keep: int = _checked_max_to_keep(max_to_keep)
+        self.delete_checkpoint: bool = bool(delete_checkpoint)
+        self.save_before_preemption: bool = bool(save_before_preemption)
         if not isinstance(timeout, numbers.Real) or not 0 < timeout < float("inf"):
             raise ValueError(
                 f"Invalid value for argument `timeout`. Received: timeout={timeout!r}. "
@@ -399,6 +389,20 @@ class BackupAndRestore(keras.callbacks.Callback):
             record.step,
             path,
         )
+
+
+def _checked_max_to_keep(max_to_keep: Any) -> int:
+    if (
+        isinstance(max_to_keep, numbers.Integral)
+        and not isinstance(max_to_keep, bool)
+        and int(max_to_keep) >= 1
+    ):
+        return int(max_to_keep)
+    raise ValueError(
+        "Invalid value for argument `max_to_keep`. "
+        f"Received: max_to_keep={max_to_keep!r}. Expected a positive integer "
+        "(how many committed backups to keep)."
+    )
 
 
 def _check_save_freq(save_freq: Any, save_before_preemption: bool) -> None:
