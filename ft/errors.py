@@ -51,3 +51,19 @@ class ChiefFailedError(FTError, RuntimeError):
 
 class UnsupportedConfigurationError(FTError, ValueError):
     """ft cannot honour the requested combination of arguments or environment."""
+
+
+class JobTimeoutError(FTError, TimeoutError):
+    """An `ft.testing.run` job did not end within its `timeout`.
+
+    Every process of the job was stopped before this was raised; `result`
+    holds what the job printed until then.
+    """
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class InjectedFaultError(FTError, RuntimeError):
+    """Raised inside a worker by `ft.testing.RaiseInWorker`, on purpose."""

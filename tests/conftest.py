@@ -11,6 +11,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
 
+# ft's own plugin (the `ft_job` fixture), also where ft is installed without its entry points.
+pytest_plugins = ["ft.testing.pytest_plugin"]
+
 BACKENDS = ("tensorflow", "jax")
 
 
