@@ -160,7 +160,6 @@ class BackupAndRestore(keras.callbacks.Callback):
             self.backup_dir
         )
         self._preempted: bool = False
-        self._fits: int = 0
         self.restored: dict[str, Any] | None = None
         keep = max(self.max_to_keep, 2) if self.double_checkpoint else self.max_to_keep
         self._store: CheckpointStore = CheckpointStore(self.backup_dir, max_to_keep=keep)
@@ -178,6 +177,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._writer.wait()  # a save left in flight by a fit that raised
         model = self.model
         self._coordinator = strategies.coordinator_for(model)
+        self._coordinator.begin(self.timeout)  # names unique to this fit
         self._epoch_iterator = fit_loop.find_epoch_iterator(model)
         self._step = self._last_saved_step = self._batch = 0
         self._resume = None
@@ -187,14 +187,11 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._restore(path, record or self._store.read_record(path))
         # Nobody trains (and the chief replaces no backup) until all have loaded.
         self._coordinator.barrier("restored", self.timeout)
-        self._fits += 1
         self._preempted = False
         if self._coordinator.num_processes > 1:
             fit_loop.guard_train_function(model, self._coordinator)
         if self.save_before_preemption:
-            self._preemption = preemption.PreemptionWatch(
-                self._coordinator, f"preempt/{self._fits}"
-            )
+            self._preemption = preemption.PreemptionWatch(self._coordinator, "preempt")
             self._preemption.install()
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -17,6 +18,12 @@ from typing import Any, Protocol, runtime_checkable
 from ft import errors
 
 DEFAULT_TIMEOUT = 300.0
+
+# Fits begun in this process. Every process of a run calls `fit` the same number
+# of times, so the count names one fit on all of them: the keys and barriers of
+# a fit carry it and never meet those of an earlier fit (a retry after an
+# error, a second training phase) in the engine's coordination service.
+_fits_begun = itertools.count(1)
 
 
 @runtime_checkable
@@ -36,6 +43,19 @@ class Coordinator(Protocol):
     @property
     def is_chief(self) -> bool:
         """True on the one process that writes into `backup_dir`."""
+        ...
+
+    def begin(self, timeout: float) -> int:
+        """Agree with every process on the generation of the `fit` that starts.
+
+        Call on all processes, once per `fit`, before any other method: names
+        of later barriers and keys carry the generation, so they are unique per
+        `fit`. Returns it (1 for the first `fit` of this process).
+
+        Raises:
+            BarrierTimeoutError: when a process did not begin the same `fit`
+                within `timeout` s.
+        """
         ...
 
     def barrier(self, name: str, timeout: float) -> None:
@@ -70,6 +90,10 @@ class SingleProcess:
     def __init__(self) -> None:
         self._values: dict[str, str] = {}
 
+    def begin(self, timeout: float) -> int:
+        self._values.clear()
+        return next(_fits_begun)
+
     def barrier(self, name: str, timeout: float) -> None:
         return None
 
@@ -91,13 +115,14 @@ class KeyValueCoordinator:
     Subclasses provide three primitives (wait at a named barrier, set a key
     once, wait for a key); the protocol's methods are written once here.
     Barrier and key names are unique per call, in the same order on every
-    process.
+    process, and start with `ft/<generation>/`, unique per `fit`.
     """
 
     def __init__(self, process_index: int, num_processes: int) -> None:
         self._index = process_index
         self._count = num_processes
         self._ids = itertools.count()
+        self._generation = 0
 
     @property
     def process_index(self) -> int:
@@ -122,13 +147,42 @@ class KeyValueCoordinator:
         """The value of `key`, waiting for it; raise on timeout."""
         raise NotImplementedError
 
+    def begin(self, timeout: float) -> int:
+        generation = next(_fits_begun)
+        self._generation, self._ids = generation, itertools.count()
+        deadline = time.monotonic() + timeout
+        with translate_engine_errors(f"beginning fit number {generation}", timeout):
+            self._set(self._key(f"begin/{self._index}"), str(os.getpid()))
+            for index in range(self._count):
+                if index == self._index:
+                    continue
+                remaining_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+                try:
+                    self._get(self._key(f"begin/{index}"), remaining_ms)
+                except Exception as e:
+                    if "DEADLINE" not in f"{type(e).__name__} {e}".upper():
+                        raise
+                    raise errors.BarrierTimeoutError(
+                        f"Worker {index} did not begin fit number {generation} of this "
+                        f"process within {timeout:g} s (worker {self._index} did). Every "
+                        "process must call fit the same number of times, all of them after "
+                        f"an error too. Worker {index} is dead, hung, still inside an "
+                        "earlier fit (a collective that waits for a worker that left fit "
+                        "with an error ends only at its timeout), or called fit fewer "
+                        "times; check its log."
+                    ) from e
+        return generation
+
+    def _key(self, name: str) -> str:
+        return f"ft/{self._generation}/{name}"
+
     def barrier(self, name: str, timeout: float) -> None:
-        barrier_id = f"ft/{name}/{next(self._ids)}"
+        barrier_id = self._key(f"{name}/{next(self._ids)}")
         with translate_engine_errors(f"barrier {name!r}", timeout):
             self._wait_at_barrier(barrier_id, int(timeout * 1000))
 
     def broadcast(self, name: str, value: str | None, timeout: float) -> str:
-        key = f"ft/{name}/{next(self._ids)}"
+        key = self._key(f"{name}/{next(self._ids)}")
         with translate_engine_errors(f"broadcast {name!r}", timeout):
             if self.is_chief:
                 if value is None:
@@ -139,7 +193,7 @@ class KeyValueCoordinator:
 
     def publish(self, name: str, value: str) -> None:
         try:
-            self._set(f"ft/{name}", value)
+            self._set(self._key(name), value)
         except Exception as e:  # the first writer wins
             if "ALREADY" not in str(e).upper().replace(" ", "_") and "AlreadyExists" not in (
                 type(e).__name__
@@ -148,7 +202,7 @@ class KeyValueCoordinator:
 
     def wait_value(self, name: str, timeout: float) -> str | None:
         try:
-            return self._get(f"ft/{name}", int(timeout * 1000))
+            return self._get(self._key(name), int(timeout * 1000))
         except Exception as e:
             if "DEADLINE" in f"{type(e).__name__} {e}".upper():
                 return None

@@ -1,0 +1,47 @@
+"""`fit` called again in the same processes after it raised or finished (issue 11, point 3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests import helpers
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = helpers.ROOT / "tests" / "fit_again.py"
+
+
+def _run(backend: str, workers: int, out: Path, *args: str) -> list[dict]:
+    out.mkdir()
+    proc = helpers.launch(
+        backend,
+        "-n",
+        str(workers),
+        "--grace-period",
+        "3",
+        str(SCRIPT),
+        "--dir",
+        str(out / "b"),
+        "--out",
+        str(out / "r{index}.json"),
+        *args,
+    )
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    return [json.loads((out / f"r{i}.json").read_text()) for i in range(workers)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fit_again_after_an_error_and_after_a_finished_fit(
+    backend: str, workers: int, tmp_path: Path
+) -> None:
+    (ref, *_) = _run(backend, workers, tmp_path / "ref", "--reference")
+    reports = _run(backend, workers, tmp_path / "run")
+    for rep in reports:
+        # Each retry restored what the fit that raised had saved, on every process.
+        assert [r["step"] for r in rep["restored"]] == [10, 5]
+        assert [(r["epoch"], r["batch"]) for r in rep["restored"]] == [(0, 10), (0, 5)]
+        # Interrupted and retried in-process == uninterrupted, after each phase.
+        assert (rep["phase_a"], rep["phase_b"]) == (ref["phase_a"], ref["phase_b"])
