@@ -110,6 +110,8 @@ def render(report: dict[str, Any]) -> str:
                 f"    by:         {b['num_processes']} process(es), {b['backend']} backend"
             )
             lines.append(f"    size:       {_size(b['size_bytes'])} in {b['files']} files")
+            counts = ", ".join(f"{n} {group}" for group, n in b["variables"].items())
+            lines.append(f"    variables:  {counts or 'none'}")
         status = "intact (sizes and CRC32 checksums verified)" if b["intact"] else "DAMAGED"
         lines.append(f"    status:     {status}")
         if b["problem"]:
@@ -130,9 +132,9 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m ft inspect") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ft inspect",
+        prog=prog,
         description="Show what the backups in BACKUP_DIR hold and verify every file.",
         epilog="Exit codes: 0 intact, 1 a backup is damaged, 3 no committed backup.",
     )

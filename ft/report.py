@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 
 class SaveStats:
@@ -58,3 +59,60 @@ class SaveStats:
         """Integer, the mean size of a committed backup in bytes (0 before the first)."""
         with self._lock:
             return self.bytes_committed // self.commits if self.commits else 0
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} GiB"
+
+
+def how_often(save_freq: str | int | bool, save_before_preemption: bool) -> str:
+    """`every 100 batches`, `at the end of each epoch`, `only before a preemption`."""
+    if save_freq is False:
+        return "only before a preemption (SIGTERM)"
+    often = "at the end of each epoch" if save_freq == "epoch" else f"every {save_freq} batches"
+    return often + (" and before a preemption (SIGTERM)" if save_before_preemption else "")
+
+
+def begin_message(backup_dir: str, often: str, how: str, restored: dict[str, Any] | None) -> str:
+    """The line ft logs when `fit` begins: restored from where or starting fresh, and the plan.
+
+    Args:
+        backup_dir: Where backups go.
+        often: `how_often`'s answer.
+        how: How backups are written, e.g. `"in the background"`, `"synchronously"`.
+        restored: The callback's `restored` dict, or None when starting fresh.
+    """
+    plan = f"backups {often} to {backup_dir}, {how}"
+    if restored is None:
+        return f"starting fresh (no backup in {backup_dir}); {plan}"
+    return (
+        f"restored epoch {restored['epoch']}, batch {restored['batch']} "
+        f"(step {restored['step']}) from {restored['path']}; {plan}"
+    )
+
+
+def end_message(stats: SaveStats, fit_seconds: float, writer: bool, kept: str) -> str:
+    """The line ft logs when `fit` ends: what backups were made and what they cost.
+
+    Args:
+        stats: This fit's `SaveStats`.
+        fit_seconds: Seconds from train begin to train end.
+        writer: Whether this process writes backups (else process 0 does).
+        kept: What is left in `backup_dir`, e.g. `"backup deleted (delete_checkpoint=True)"`.
+    """
+    share = 100.0 * stats.blocked_seconds / fit_seconds if fit_seconds > 0 else 0.0
+    if writer:
+        made = f"{stats.commits} backups committed, {_size(stats.bytes_per_backup)} each"
+    else:
+        made = "backups written by process 0"
+    moved = f"saves moved because one was in flight: {stats.moved_saves}"
+    if stats.moved_saves:
+        moved += f" (by {stats.moved_steps} steps in all)"
+    return (
+        f"fit done in {fit_seconds:.1f} s: {made}; training blocked "
+        f"{stats.blocked_seconds:.2f} s by backups ({share:.1f}% of fit); {moved}; {kept}"
+    )
