@@ -7,13 +7,23 @@ import json
 import numbers
 import os
 import sys
+import time
 from typing import Any
 
 import keras
 import numpy as np
 
 import ft.strategies as strategies
-from ft import background_writer, dir_lock, errors, fit_loop, preemption, training_state
+from ft import (
+    background_writer,
+    dir_lock,
+    errors,
+    fit_loop,
+    log,
+    preemption,
+    report,
+    training_state,
+)
 from ft.checkpoint_store import CheckpointStore
 from ft.log import get_logger
 from ft.metadata import BackupRecord
@@ -159,6 +169,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._writer: background_writer.BackgroundWriter = background_writer.for_directory(
             self.backup_dir
         )
+        self.stats: report.SaveStats = report.SaveStats()
+        self._fit_start: float = time.monotonic()
         self._preempted: bool = False
         self.restored: dict[str, Any] | None = None
         keep = max(self.max_to_keep, 2) if self.double_checkpoint else self.max_to_keep
@@ -174,15 +186,19 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     # ------------------------------------------------------------- fit hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.stats = report.SaveStats()
+        self._fit_start = time.monotonic()
         self._writer.wait()  # a save left in flight by a fit that raised
         model = self.model
         self._coordinator = strategies.coordinator_for(model)
         self._coordinator.begin(self.timeout)  # names unique to this fit
+        log.set_process_index(self._coordinator.process_index)
         self._epoch_iterator = fit_loop.find_epoch_iterator(model)
         self._step = self._last_saved_step = self._batch = 0
         self._resume = None
         self._pending_metrics = None
         path, record = self._agree_on_restore_point()
+        self.restored = None
         if path is not None:
             self._restore(path, record or self._store.read_record(path))
         # Nobody trains (and the chief replaces no backup) until all have loaded.
@@ -193,6 +209,14 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self.save_before_preemption:
             self._preemption = preemption.PreemptionWatch(self._coordinator, "preempt")
             self._preemption.install()
+        how = report.how_saved(
+            self.async_save,
+            strategies.every_process_writes(self._coordinator),
+            report.state_nbytes(training_state.live_variables(model)),
+            ASYNC_THRESHOLD_BYTES,
+        )
+        often = report.how_often(self.save_freq, self.save_before_preemption)
+        logger.info(report.begin_message(self._store.directory, often, how, self.restored))
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         model = self.model
@@ -255,13 +279,26 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._preemption is not None:
             self._preemption.uninstall()
             self._preemption = None
+        keep = not self.delete_checkpoint and not self._preempted
+        if keep and self._step > self._last_saved_step:
+            self._save_final_state()  # the backup kept is the state fit ended with
+        start = time.perf_counter()
         self._writer.wait()  # fit returns only once the last backup is committed
+        self.stats.add_blocked(time.perf_counter() - start)
         # Deleted once, by the chief, after every worker is done with the backup.
         self._coordinator.barrier("train-end", self.timeout)
         if self._coordinator.is_chief:
             if self.delete_checkpoint and not self._preempted:
                 self._store.delete()
             dir_lock.release(self._store.directory)
+        kept = f"the backup of step {self._last_saved_step} is kept for the restart"
+        if keep:
+            kept = f"kept the final state (step {self._step}) in {self._store.directory}"
+        elif not self._preempted:
+            kept = "backups deleted (delete_checkpoint=True)"
+        writer = self._coordinator.is_chief or strategies.every_process_writes(self._coordinator)
+        seconds = time.monotonic() - self._fit_start
+        logger.info(report.end_message(self.stats, seconds, writer, kept))
         if self._preempted:
             logger.info(
                 "preempted: saved at step %d; exiting with code %d (restart me)",
@@ -303,6 +340,14 @@ class BackupAndRestore(keras.callbacks.Callback):
         return chosen["path"], None
 
     # --------------------------------------------------------------- helpers
+    def _save_final_state(self) -> None:
+        """Back up the state `fit` ended with (`delete_checkpoint=False`). Call on all processes."""
+        total = fit_loop.num_batches(self._epoch_iterator)
+        if total is None or self._batch >= total:
+            self._save(epoch=self._epoch + 1, batch=0, at_epoch_end=True)
+        else:
+            self._save(epoch=self._epoch, batch=self._batch, at_epoch_end=False)
+
     def _save(self, epoch: int, batch: int, at_epoch_end: bool) -> None:
         """Back up the state at this step. Call on all processes; the chief writes.
 
@@ -311,6 +356,13 @@ class BackupAndRestore(keras.callbacks.Callback):
         variable can be a collective that all workers must join; the replicas
         hold the same state, so the chief's copy is the group's.
         """
+        start = time.perf_counter()
+        try:
+            self._save_now(epoch, batch, at_epoch_end)
+        finally:
+            self.stats.add_blocked(time.perf_counter() - start)
+
+    def _save_now(self, epoch: int, batch: int, at_epoch_end: bool) -> None:
         collective = strategies.every_process_writes(self._coordinator)
         if not collective:
             self._writer.wait()  # at most one save in flight; raises its error
@@ -333,14 +385,18 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._last_saved_step = self._step
         if collective:
             # Every process writes its shards of live device arrays: synchronous.
+            began = time.perf_counter()
             path = self._store.write_collective(record, arrays, self._coordinator, self.timeout)
+            self.stats.add_commit(training_state.nbytes(arrays), time.perf_counter() - began)
             logger.debug(
                 "committed epoch %d, batch %d (step %d) to %s", epoch, batch, record.step, path
             )
             return
 
         def write() -> str:
+            began = time.perf_counter()
             path = self._store.write(record, arrays)
+            self.stats.add_commit(training_state.nbytes(arrays), time.perf_counter() - began)
             logger.debug(
                 "committed epoch %d, batch %d (step %d) to %s", epoch, batch, record.step, path
             )
@@ -379,13 +435,6 @@ class BackupAndRestore(keras.callbacks.Callback):
             "step": record.step,
             "path": path,
         }
-        logger.info(
-            "restored epoch %d, batch %d (step %d) from %s",
-            record.epoch,
-            record.batch,
-            record.step,
-            path,
-        )
 
 
 def _checked_max_to_keep(max_to_keep: Any) -> int:

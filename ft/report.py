@@ -86,12 +86,12 @@ def begin_message(backup_dir: str, often: str, how: str, restored: dict[str, Any
         how: How backups are written, e.g. `"in the background"`, `"synchronously"`.
         restored: The callback's `restored` dict, or None when starting fresh.
     """
-    plan = f"backups {often} to {backup_dir}, {how}"
     if restored is None:
-        return f"starting fresh (no backup in {backup_dir}); {plan}"
+        return f"starting fresh: no backup in {backup_dir}; backing up {often}, {how}"
     return (
         f"restored epoch {restored['epoch']}, batch {restored['batch']} "
-        f"(step {restored['step']}) from {restored['path']}; {plan}"
+        f"(step {restored['step']}) from {restored['path']}; backing up {often} "
+        f"to {backup_dir}, {how}"
     )
 
 
@@ -106,7 +106,7 @@ def end_message(stats: SaveStats, fit_seconds: float, writer: bool, kept: str) -
     """
     share = 100.0 * stats.blocked_seconds / fit_seconds if fit_seconds > 0 else 0.0
     if writer:
-        made = f"{stats.commits} backups committed, {_size(stats.bytes_per_backup)} each"
+        made = f"{stats.commits} backups committed ({_size(stats.bytes_per_backup)} of state each)"
     else:
         made = "backups written by process 0"
     moved = f"saves moved because one was in flight: {stats.moved_saves}"
@@ -116,3 +116,28 @@ def end_message(stats: SaveStats, fit_seconds: float, writer: bool, kept: str) -
         f"fit done in {fit_seconds:.1f} s: {made}; training blocked "
         f"{stats.blocked_seconds:.2f} s by backups ({share:.1f}% of fit); {moved}; {kept}"
     )
+
+
+def how_saved(async_save: bool | None, collective: bool, state_bytes: int, threshold: int) -> str:
+    """How backups are written: in the background or synchronously, and why."""
+    if collective:
+        return "synchronously, every process writing its own shards"
+    if async_save is None:
+        where = "in the background" if state_bytes >= threshold else "synchronously"
+        return f"{where} (state {_size(state_bytes)}; in the background from {_size(threshold)})"
+    return "in the background" if async_save else "synchronously"
+
+
+def state_nbytes(variables: dict[str, list[Any]]) -> int:
+    """Bytes of the training state held in `variables` (group -> Keras variables)."""
+    import numpy as np
+
+    total = 0
+    for group in variables.values():
+        for v in group:
+            try:
+                itemsize = np.dtype(str(v.dtype)).itemsize
+            except TypeError:
+                itemsize = 4
+            total += int(np.prod(v.shape, dtype=np.int64)) * itemsize
+    return total
