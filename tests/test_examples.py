@@ -15,13 +15,17 @@ pytestmark = pytest.mark.slow
 
 # Makes `import tensorflow` fail, as in the README's first install (JAX only).
 NO_TENSORFLOW = """
-import sys
-class _NoTensorFlow:
-    def find_spec(self, name, path=None, target=None):
+import importlib.machinery, sys
+class _PathFinderWithoutTensorFlow(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
         if name == "tensorflow" or name.startswith("tensorflow."):
-            raise ModuleNotFoundError("No module named 'tensorflow' (hidden by the test)")
-        return None
-sys.meta_path.insert(0, _NoTensorFlow())
+            return None
+        return super().find_spec(name, path, target)
+sys.meta_path[:] = [
+    _PathFinderWithoutTensorFlow if f is importlib.machinery.PathFinder else f
+    for f in sys.meta_path
+]
 """
 
 
