@@ -123,4 +123,5 @@ def test_unknown_command_prints_usage() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "ft", "frobnicate"], capture_output=True, text=True, cwd=ROOT
     )
-    assert proc.returncode == 2 and "python -m ft inspect BACKUP_DIR" in proc.stderr
+    assert proc.returncode == 2 and "unknown command 'frobnicate'" in proc.stderr
+    assert "\n  inspect " in proc.stderr and "\n  launch " in proc.stderr
