@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 _WORKER_LINE = re.compile(r"^\[worker (\d+)\] ?(.*)$")
 _LAUNCHER_PREFIX = "[ft.launch] "
 # ft's own INFO line (ft/backup_and_restore.py), wherever a log prefix puts it.
-_RESTORED = re.compile(r"restored epoch (\d+), batch (\d+) \(step (\d+)\) from (\S.*?)\s*$")
+_RESTORED = re.compile(
+    r"restored epoch (\d+), batch (\d+) \(step (\d+)\) from (\S.*?)(?:; backing up .*)?\s*$"
+)
 _RESTART = re.compile(r"restarting the group")
 _PREEMPTED = re.compile(r"preempted")
 
