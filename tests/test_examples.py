@@ -78,6 +78,17 @@ def test_resume_demo_without_tensorflow(tmp_path: Path) -> None:
     assert re.search(r"ft \[process=0\] INFO: fit done in .* backups committed", out)
     assert "final weights identical to the uninterrupted run: True" in out
     assert "tensorflow" not in (out + proc.stderr).lower()
+    # The quickstart shows this output: the same lines, up to numbers and temporary paths.
+    quickstart = (ROOT / "docs" / "quickstart.md").read_text()
+    sample = re.search(r"\(a real run on JAX\):\n\n```\n(.*?)```", quickstart, re.S)
+    assert sample is not None
+    assert shape(sample.group(1)) == shape(out)
+
+
+def shape(text: str) -> list[str]:
+    """Lines with temporary paths and numbers blanked out."""
+    text = re.sub(r"/tmp/\w+", "TMP", text)
+    return re.sub(r"\d+(\.\d+)?", "N", text).splitlines()
 
 
 def test_demos_refuse_a_bad_backend() -> None:
