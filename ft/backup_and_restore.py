@@ -15,18 +15,19 @@ import numpy as np
 
 import ft.strategies as strategies
 from ft import (
-    background_writer,
     dir_lock,
     errors,
     fit_loop,
     log,
     preemption,
     report,
+    save_pipeline,
     training_state,
 )
 from ft.checkpoint_store import CheckpointStore
 from ft.log import get_logger
 from ft.metadata import BackupRecord
+from ft.snapshot import Snapshotter
 
 logger = get_logger()
 
@@ -117,13 +118,23 @@ class BackupAndRestore(keras.callbacks.Callback):
             instead of hanging. Defaults to 300.
         async_save: Keyword-only boolean or None. `True` writes, fsyncs and
             commits each backup on a background thread while training goes
-            on (training waits only for a host copy of the state; at most one
-            save is in flight, its error surfaces at the next save or at the
-            end of `fit`, and `fit` returns only once the last backup is
-            committed). `False` saves synchronously. `None` (the default)
-            goes to the background for states of 32 MiB and more, where it
-            pays, and saves small states synchronously (milliseconds).
-            JAX multi-host saves are always synchronous.
+            on (training waits only for a copy of the state made where it
+            lives: on the device for JAX on a GPU or TPU, a memcpy on the
+            CPU). At most one save is in flight: in a single process, a save
+            that comes due while the last one is still being written moves to
+            the first step after it commits (counted in `stats`), so training
+            never stalls; with several workers the chief waits. A background
+            error surfaces at the next save or at the end of `fit`, and `fit`
+            returns only once the last backup is committed. `False` saves
+            synchronously. `None` (the default) goes to the background for
+            states of 32 MiB and more, where it pays, and saves small states
+            synchronously (milliseconds). JAX multi-host saves are always
+            synchronous.
+
+    Attributes:
+        stats: `ft.report.SaveStats` of the current (or last) `fit`: backups
+            committed, seconds the training thread was blocked, saves moved
+            to a later step and by how many steps.
     """
 
     def __init__(
@@ -166,11 +177,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.async_save: bool | None = async_save
         self._coordinator: strategies.Coordinator = strategies.SingleProcess()
         self._preemption: preemption.PreemptionWatch | None = None
-        self._writer: background_writer.BackgroundWriter = background_writer.for_directory(
-            self.backup_dir
-        )
+        self._pipeline: save_pipeline.SavePipeline = save_pipeline.for_directory(self.backup_dir)
+        self._snapshotter: Snapshotter = Snapshotter()
         self.stats: report.SaveStats = report.SaveStats()
         self._fit_start: float = time.monotonic()
+        self._due_step: int | None = None
         self._preempted: bool = False
         self.restored: dict[str, Any] | None = None
         keep = max(self.max_to_keep, 2) if self.double_checkpoint else self.max_to_keep
@@ -188,7 +199,8 @@ class BackupAndRestore(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self.stats = report.SaveStats()
         self._fit_start = time.monotonic()
-        self._writer.wait()  # a save left in flight by a fit that raised
+        self._due_step = None
+        self._wait_for_earlier_fit()
         model = self.model
         self._coordinator = strategies.coordinator_for(model)
         self._coordinator.begin(self.timeout)  # names unique to this fit
@@ -256,13 +268,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         preempt = stop_at is not None and self._step >= stop_at
         if preempt and self._step > stop_at:  # type: ignore[operator]
             logger.warning("preemption save at step %d, after the agreed %s", self._step, stop_at)
-        if scheduled or preempt:
-            if done == fit_loop.num_batches(self._epoch_iterator):
-                # The epoch's last batch: resume at the next epoch's start (a
-                # Keras epoch with no batch left to run cannot end cleanly).
-                self._save(epoch=self._epoch + 1, batch=0, at_epoch_end=True)
-            else:
-                self._save(epoch=self._epoch, batch=done, at_epoch_end=False)
+        if scheduled and self._due_step is None:
+            self._due_step = self._step
+        if preempt or (self._due_step is not None and not self._must_move()):
+            self._save(*self._position(done))
         if preempt:
             self._preempted = True
             self.model.stop_training = True
@@ -271,7 +280,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         # After a preemption save, Keras still ends the cut-short epoch: that is
         # not a completed epoch, and the backup already holds the right batch.
         if self.save_freq == "epoch" and not self._preempted:
-            self._save(epoch=epoch + 1, batch=0, at_epoch_end=True)
+            if self._due_step is None:
+                self._due_step = self._step
+            if not self._must_move():
+                self._save(epoch=epoch + 1, batch=0, at_epoch_end=True)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.model._initial_epoch = None
@@ -280,11 +292,16 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._preemption.uninstall()
             self._preemption = None
         keep = not self.delete_checkpoint and not self._preempted
-        if keep and self._step > self._last_saved_step:
-            self._save_final_state()  # the backup kept is the state fit ended with
+        if not self._preempted and (
+            self._due_step is not None or (keep and self._step > self._last_saved_step)
+        ):
+            # A save moved past the last step, or the final state to keep:
+            # the end of fit waits for it.
+            self._save(*self._position(self._batch, fit_ended=True))
         start = time.perf_counter()
-        self._writer.wait()  # fit returns only once the last backup is committed
+        self._pipeline.wait(self.timeout)  # fit returns only once the last backup is committed
         self.stats.add_blocked(time.perf_counter() - start)
+        self._snapshotter.release()
         # Deleted once, by the chief, after every worker is done with the backup.
         self._coordinator.barrier("train-end", self.timeout)
         if self._coordinator.is_chief:
@@ -340,13 +357,34 @@ class BackupAndRestore(keras.callbacks.Callback):
         return chosen["path"], None
 
     # --------------------------------------------------------------- helpers
-    def _save_final_state(self) -> None:
-        """Back up the state `fit` ended with (`delete_checkpoint=False`). Call on all processes."""
+    def _must_move(self) -> bool:
+        """True when a due save moves to a later step: one is in flight, in one process."""
+        return self._coordinator.num_processes == 1 and self._pipeline.busy()
+
+    def _position(self, done: int, fit_ended: bool = False) -> tuple[int, int, bool]:
+        """Epoch, batch and end-of-epoch flag of a save after `done` batches of this epoch."""
         total = fit_loop.num_batches(self._epoch_iterator)
-        if total is None or self._batch >= total:
-            self._save(epoch=self._epoch + 1, batch=0, at_epoch_end=True)
-        else:
-            self._save(epoch=self._epoch, batch=self._batch, at_epoch_end=False)
+        if done == total or (fit_ended and (total is None or done > total)):
+            # The epoch's last batch: resume at the next epoch's start (a
+            # Keras epoch with no batch left to run cannot end cleanly).
+            return self._epoch + 1, 0, True
+        return self._epoch, done, False
+
+    def _wait_for_earlier_fit(self) -> None:
+        """Wait for a save that an earlier `fit` of this `backup_dir` left in flight."""
+        try:
+            self._pipeline.wait(self.timeout)
+        except errors.SaveTimeoutError:
+            raise
+        except BaseException as e:
+            # That fit ended with an exception of its own; this error was logged
+            # when it happened. Its backup is lost, the one before it is intact.
+            logger.warning(
+                "the backup left in flight by an earlier fit failed (%s: %s); "
+                "continuing from the newest committed backup",
+                type(e).__name__,
+                e,
+            )
 
     def _save(self, epoch: int, batch: int, at_epoch_end: bool) -> None:
         """Back up the state at this step. Call on all processes; the chief writes.
@@ -357,6 +395,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         hold the same state, so the chief's copy is the group's.
         """
         start = time.perf_counter()
+        if self._due_step is not None and self._step > self._due_step:
+            self.stats.add_moved(self._step - self._due_step)
+        self._due_step = None
         try:
             self._save_now(epoch, batch, at_epoch_end)
         finally:
@@ -364,14 +405,43 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def _save_now(self, epoch: int, batch: int, at_epoch_end: bool) -> None:
         collective = strategies.every_process_writes(self._coordinator)
-        if not collective:
-            self._writer.wait()  # at most one save in flight; raises its error
         variables = training_state.live_variables(self.model)
-        arrays = training_state.snapshot(variables, host_copy=not collective)
-        if not (collective or self._coordinator.is_chief):
-            self._last_saved_step = self._step
+        self._last_saved_step = self._step
+        if collective:
+            # Every process writes its shards of live device arrays: synchronous.
+            arrays = training_state.snapshot(variables, host_copy=False)
+            record = self._record(epoch, batch, at_epoch_end, variables)
+            began = time.perf_counter()
+            path = self._store.write_collective(record, arrays, self._coordinator, self.timeout)
+            self.stats.add_commit(training_state.nbytes(arrays), time.perf_counter() - began)
+            logger.debug(
+                "committed epoch %d, batch %d (step %d) to %s", epoch, batch, self._step, path
+            )
             return
-        record = BackupRecord(
+        if self._coordinator.is_chief:
+            # At most one save in flight: its buffers are reused by this snapshot.
+            self._pipeline.wait(self.timeout)
+        snapshot = self._snapshotter.take(variables)
+        if not self._coordinator.is_chief:
+            return
+        record = self._record(epoch, batch, at_epoch_end, variables)
+
+        def write(arrays: dict[str, Any]) -> str:
+            path = self._store.write(record, arrays)
+            logger.debug(
+                "committed epoch %d, batch %d (step %d) to %s", epoch, batch, record.step, path
+            )
+            return path
+
+        background = self.async_save
+        if background is None:
+            background = snapshot.nbytes >= ASYNC_THRESHOLD_BYTES
+        self._pipeline.run(self._step, snapshot, write, self.stats, background, self.timeout)
+
+    def _record(
+        self, epoch: int, batch: int, at_epoch_end: bool, variables: dict[str, list[Any]]
+    ) -> BackupRecord:
+        return BackupRecord(
             epoch=epoch,
             batch=batch,
             step=self._step,
@@ -382,33 +452,6 @@ class BackupAndRestore(keras.callbacks.Callback):
             variables=training_state.manifest_to_json(training_state.manifest(variables)),
             rng=training_state.numpy_rng() if at_epoch_end else self._epoch_rng,
         )
-        self._last_saved_step = self._step
-        if collective:
-            # Every process writes its shards of live device arrays: synchronous.
-            began = time.perf_counter()
-            path = self._store.write_collective(record, arrays, self._coordinator, self.timeout)
-            self.stats.add_commit(training_state.nbytes(arrays), time.perf_counter() - began)
-            logger.debug(
-                "committed epoch %d, batch %d (step %d) to %s", epoch, batch, record.step, path
-            )
-            return
-
-        def write() -> str:
-            began = time.perf_counter()
-            path = self._store.write(record, arrays)
-            self.stats.add_commit(training_state.nbytes(arrays), time.perf_counter() - began)
-            logger.debug(
-                "committed epoch %d, batch %d (step %d) to %s", epoch, batch, record.step, path
-            )
-            return path
-
-        in_background = self.async_save
-        if in_background is None:
-            in_background = training_state.nbytes(arrays) >= ASYNC_THRESHOLD_BYTES
-        if in_background:
-            self._writer.submit(write)
-        else:
-            write()
 
     def _restore(self, path: str, record: BackupRecord) -> None:
         model = self.model

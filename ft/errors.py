@@ -67,3 +67,7 @@ class JobTimeoutError(FTError, TimeoutError):
 
 class InjectedFaultError(FTError, RuntimeError):
     """Raised inside a worker by `ft.testing.RaiseInWorker`, on purpose."""
+
+
+class SaveTimeoutError(FTError, TimeoutError):
+    """A backup being written in the background did not commit within `timeout`."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import keras
@@ -330,18 +331,34 @@ def test_background_save_error_is_never_lost(
 
     def failing_commit(self, tmp, final, record):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2:
             raise OSError(28, "No space left on device (injected)")
         return original(self, tmp, final, record)
+
+    class WaitForSave(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            # Each save finishes before the next step, so none is moved: the
+            # save after the failed one must raise its error.
+            for thread in threading.enumerate():
+                if thread.name == "ft-save-pipeline":
+                    thread.join(60)
 
     monkeypatch.setattr(CheckpointStore, "_commit", failing_commit)
     callback = ft.BackupAndRestore(tmp_path / "b", save_freq=1, async_save=True)
     counter = CountBatches()
     with pytest.raises(OSError, match="No space left on device"):
-        make_model().fit(X, Y, batch_size=4, epochs=2, callbacks=[callback, counter], verbose=0)
-    assert counter.batches < 16, "the error surfaced at a later save, not only at the end"
-    # The step-2 backup committed before the failure is still there.
-    assert "ft-step-0000000002" in os.listdir(tmp_path / "b")
+        make_model().fit(
+            X,
+            Y,
+            batch_size=4,
+            epochs=2,
+            callbacks=[callback, counter, WaitForSave()],
+            verbose=0,
+        )
+    # Raised by the save after step 3, before the counter (listed after ft) sees it.
+    assert counter.batches == 2, "the error surfaced at the next save, not later"
+    # The step-1 backup committed before the failure is still there.
+    assert "ft-step-0000000001" in os.listdir(tmp_path / "b")
 
 
 def test_invalid_async_save_is_refused(tmp_path: Path) -> None:

@@ -1,0 +1,210 @@
+"""A private copy of the training state for a backup, taken where the state lives.
+
+Runs on the process that writes a backup. The training thread calls
+`Snapshotter.take` and waits only for a copy made where the state lives; the
+save pipeline's thread then calls `Snapshot.host` for host arrays to write.
+
+- JAX on a GPU or TPU: one device-to-device copy of every variable in one
+  dispatch (a jitted copy without donation, so the buffers Keras's trainer
+  donates to the next step are never referenced). `host` then moves the copy to
+  page-locked host memory (`memory_kind="pinned_host"`, pooled by the engine's
+  host allocator from save to save) and frees the device copy. When the device
+  has no room for the copy, the variables are copied to host one at a time on
+  the training thread instead, and ft says so once in the log.
+- JAX on the CPU and TensorFlow: one memcpy per variable into host buffers
+  allocated at the first save and reused by the next ones.
+
+A snapshot is always a copy, never a view of a live variable. At most one is
+alive at a time (the pipeline holds one save in flight), so the reused host
+buffers are never written while a save still reads them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ft.log import get_logger
+
+logger = get_logger()
+
+
+class Snapshot:
+    """The state of one step: host arrays, or a device copy on its way to the host."""
+
+    def __init__(
+        self,
+        groups: dict[str, int],
+        nbytes: int,
+        host_arrays: list[np.ndarray] | None = None,
+        finish: Callable[[], list[np.ndarray]] | None = None,
+        seconds: float = 0.0,
+        where: str = "host",
+    ) -> None:
+        self._groups = groups
+        self._arrays = host_arrays
+        self._finish = finish
+        self.nbytes = nbytes
+        #: Seconds the training thread spent taking the snapshot.
+        self.take_seconds = seconds
+        #: Seconds `host` spent moving the copy to host memory (0 for host copies).
+        self.host_seconds = 0.0
+        #: Where the copy was made: "host", "device" or "host-chunked".
+        self.where = where
+
+    def host(self) -> dict[str, list[np.ndarray]]:
+        """The snapshot as host arrays, grouped as a backup stores them.
+
+        Call from the thread that writes the backup; the first call finishes
+        the transfer from the device (and frees the device copy).
+        """
+        if self._arrays is None:
+            assert self._finish is not None
+            start = time.perf_counter()
+            self._arrays = self._finish()
+            self._finish = None
+            self.host_seconds = time.perf_counter() - start
+        out: dict[str, list[np.ndarray]] = {}
+        index = 0
+        for group, count in self._groups.items():
+            out[group] = self._arrays[index : index + count]
+            index += count
+        return out
+
+
+class Snapshotter:
+    """Takes snapshots of one model's variables, reusing host buffers from save to save."""
+
+    def __init__(self) -> None:
+        self._buffers: list[np.ndarray] = []
+        self._copy_fn: Any = None
+        self._told_chunked = False
+        self._told_pageable = False
+        #: Where the last snapshot was made: "host", "device" or "host-chunked".
+        self.last_where = ""
+
+    def release(self) -> None:
+        """Drop the reused host buffers (at the end of `fit`)."""
+        self._buffers = []
+
+    def take(self, variables: dict[str, list[Any]]) -> Snapshot:
+        """Copy every variable of `variables` (groups in order). Training thread.
+
+        Returns once the copy is complete where it is made: later training
+        steps cannot change it.
+        """
+        import keras
+
+        start = time.perf_counter()
+        groups = {group: len(vs) for group, vs in variables.items()}
+        values = [v.value for vs in variables.values() for v in vs]
+        if keras.backend.backend() == "jax" and values and _on_accelerator(values):
+            copies = self._device_copy(values)
+            if copies is not None:
+                self.last_where = "device"
+                return Snapshot(
+                    groups,
+                    sum(int(c.nbytes) for c in copies),
+                    finish=lambda: self._to_host(copies),
+                    seconds=time.perf_counter() - start,
+                    where="device",
+                )
+            arrays = [np.asarray(_device_get(v)) for v in values]
+            where = "host-chunked"
+        else:
+            arrays = self._host_copy(values)
+            where = "host"
+        nbytes = sum(int(a.nbytes) for a in arrays)
+        self.last_where = where
+        return Snapshot(groups, nbytes, arrays, seconds=time.perf_counter() - start, where=where)
+
+    # ------------------------------------------------------------ host copies
+    def _host_copy(self, values: list[Any]) -> list[np.ndarray]:
+        """One memcpy per value into the reused host buffers."""
+        if len(self._buffers) != len(values):
+            self._buffers = [np.empty(0)] * len(values)
+        for index, value in enumerate(values):
+            source = _host_view(value)
+            buffer = self._buffers[index]
+            if buffer.shape != source.shape or buffer.dtype != source.dtype:
+                buffer = self._buffers[index] = np.empty_like(source)
+            np.copyto(buffer, source, casting="no")
+        return list(self._buffers)
+
+    # ---------------------------------------------------------- device copies
+    def _device_copy(self, values: list[Any]) -> list[Any] | None:
+        """One device-to-device copy of every value in one dispatch, or None without room."""
+        import jax
+
+        if self._copy_fn is None:
+            import jax.numpy as jnp
+
+            # No donation: the inputs are Keras's live buffers.
+            self._copy_fn = jax.jit(lambda xs: [jnp.copy(x) for x in xs])
+        try:
+            copies = self._copy_fn(values)
+            jax.block_until_ready(copies)
+        except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            if not self._told_chunked:
+                self._told_chunked = True
+                logger.warning(
+                    "the device has no room for a second copy of the training state (%s); "
+                    "backups copy it to host memory one variable at a time on the training "
+                    "thread instead, which blocks training longer",
+                    str(e).splitlines()[0][:200],
+                )
+            return None
+        return list(copies)
+
+    def _to_host(self, copies: list[Any]) -> list[np.ndarray]:
+        """Move a device copy to host memory, page-locked where the engine offers it."""
+        import jax
+
+        try:
+            shardings = [c.sharding.with_memory_kind("pinned_host") for c in copies]
+            pinned = jax.device_put(copies, shardings)
+            jax.block_until_ready(pinned)
+        except Exception as e:  # no pinned_host memory on this platform or version
+            if not self._told_pageable:
+                self._told_pageable = True
+                logger.info(
+                    "page-locked host memory unavailable (%s); backups copy to pageable memory",
+                    str(e).splitlines()[0][:200],
+                )
+            for c in copies:
+                c.copy_to_host_async()
+            arrays = [np.asarray(c) for c in copies]
+        else:
+            copies.clear()  # free the device copy before the host arrays are written
+            arrays = [np.asarray(p) for p in pinned]
+        copies.clear()
+        return arrays
+
+
+def _on_accelerator(values: list[Any]) -> bool:
+    devices = getattr(values[0], "devices", None)
+    if devices is None:
+        return False
+    return any(d.platform != "cpu" for d in devices())
+
+
+def _host_view(value: Any) -> np.ndarray:
+    """The value as a host array, without a copy where the engine allows it."""
+    read = getattr(value, "read_value", None)
+    if read is not None:
+        # A tf.Variable: `read_value` aliases its buffer (a SyncOnRead variable
+        # under tf.distribute aggregates across replicas there) and `numpy`
+        # exposes a CPU tensor without a copy.
+        return np.asarray(read().numpy())
+    return np.asarray(value)  # a JAX CPU array: a view of its buffer
+
+
+def _device_get(value: Any) -> np.ndarray:
+    import jax
+
+    return np.asarray(jax.device_get(value))
