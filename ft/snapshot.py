@@ -80,7 +80,6 @@ class Snapshotter:
 
     def __init__(self) -> None:
         self._buffers: list[np.ndarray] = []
-        self._copy_fn: Any = None
         self._told_chunked = False
         self._told_pageable = False
         #: Where the last snapshot was made: "host", "device" or "host-chunked".
@@ -137,16 +136,11 @@ class Snapshotter:
     # ---------------------------------------------------------- device copies
     def _device_copy(self, values: list[Any]) -> list[Any] | None:
         """One device-to-device copy of every value in one dispatch, or None without room."""
-        import jax
-
-        if self._copy_fn is None:
-            import jax.numpy as jnp
-
-            # No donation: the inputs are Keras's live buffers.
-            self._copy_fn = jax.jit(lambda xs: [jnp.copy(x) for x in xs])
         try:
-            copies = self._copy_fn(values)
-            jax.block_until_ready(copies)
+            # Not waited for: the copy is ordered before the next training step
+            # on the device, and JAX keeps a donated input alive until every
+            # computation already dispatched on it has read it.
+            copies = _copy_all()(values)
         except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
@@ -184,6 +178,21 @@ class Snapshotter:
             arrays = [np.asarray(p) for p in pinned]
         copies.clear()
         return arrays
+
+
+_COPY_ALL: Any = None
+
+
+def _copy_all() -> Any:
+    """A jitted copy of a list of arrays, compiled once per process and list layout."""
+    global _COPY_ALL
+    if _COPY_ALL is None:
+        import jax
+        import jax.numpy as jnp
+
+        # No donation: the inputs are Keras's live buffers.
+        _COPY_ALL = jax.jit(lambda xs: [jnp.copy(x) for x in xs])
+    return _COPY_ALL
 
 
 def _on_accelerator(values: list[Any]) -> bool:

@@ -1,0 +1,144 @@
+"""Background saves: the snapshot, the in-flight policy, bounded waits, the benchmark.
+
+Runs real `model.fit` on the test process's backend; the checks that need both
+backends (or a GPU's code path on the CPU) run in processes of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+
+import ft
+from ft import errors
+from ft.checkpoint_store import CheckpointStore
+from ft.snapshot import Snapshotter
+from tests.helpers import ROOT, engine_env
+
+X = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+Y = X.sum(axis=1, keepdims=True)
+
+
+def make_model() -> keras.Model:
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+def held_writes(monkeypatch: pytest.MonkeyPatch, release: threading.Event) -> list[int]:
+    """Make every backup write wait for `release`; returns the steps written, in order."""
+    original = CheckpointStore.write
+    steps: list[int] = []
+
+    def write(self: CheckpointStore, record: Any, arrays: Any) -> str:
+        release.wait(120)
+        steps.append(record.step)
+        return original(self, record, arrays)
+
+    monkeypatch.setattr(CheckpointStore, "write", write)
+    return steps
+
+
+def test_snapshot_is_a_copy_not_a_view() -> None:
+    model = make_model()
+    model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
+    variables = {"model": list(model.trainable_variables), "optimizer": [], "metrics": []}
+    before = [np.array(keras.ops.convert_to_numpy(v)) for v in variables["model"]]
+    snapshot = Snapshotter().take(variables)
+    model.fit(X, Y, batch_size=16, epochs=1, verbose=0)  # donates and updates every variable
+    taken = snapshot.host()["model"]
+    for a, b in zip(before, taken, strict=True):
+        np.testing.assert_array_equal(a, b)
+    after = [np.array(keras.ops.convert_to_numpy(v)) for v in variables["model"]]
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_saves_due_while_one_is_in_flight_move_and_training_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    written = held_writes(monkeypatch, release)
+
+    class Release(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if batch == 9:
+                release.set()  # training ran 8 steps past the held save of step 2
+
+    callback = ft.BackupAndRestore(
+        tmp_path / "b", save_freq=2, delete_checkpoint=False, async_save=True
+    )
+    make_model().fit(X, Y, batch_size=4, epochs=1, callbacks=[callback, Release()], verbose=0)
+    stats = callback.stats
+    assert written[0] == 2
+    assert stats.moved_saves >= 1 and stats.moved_steps >= 1
+    assert stats.commits == len(written)
+    # The last save (due at step 16, or moved past it) is committed before fit returns.
+    assert written[-1] == 16
+    assert (tmp_path / "b" / "ft-step-0000000016").is_dir()
+
+
+def test_end_of_fit_wait_is_bounded_by_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    held_writes(monkeypatch, release)
+    callback = ft.BackupAndRestore(tmp_path / "b", save_freq=4, async_save=True, timeout=0.5)
+    try:
+        with pytest.raises(errors.SaveTimeoutError, match=r"timeout=0.5 s for the backup of step 4 to"):
+            make_model().fit(X, Y, batch_size=16, epochs=1, callbacks=[callback], verbose=0)
+    finally:
+        release.set()
+    callback._pipeline.wait(60)  # the held save still commits once released
+    assert (tmp_path / "b" / "ft-step-0000000004").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+def test_save_overlapping_training_captures_its_step_bit_for_bit(
+    backend: str, tmp_path: Path
+) -> None:
+    """Also: a mid-epoch interrupted run ends bit-identical to an uninterrupted one."""
+    out = tmp_path / "exactness.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "exactness_check.py"), "--width", "16"]
+        + ["--out", str(out)],
+        env=engine_env(backend),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["backend"] == backend
+    assert result["overlap"]["bit_identical"] and result["overlap"]["restored_step"] == 5
+    assert result["interrupted_vs_uninterrupted"]["bit_identical"]
+
+
+@pytest.mark.slow
+def test_benchmark_gpu_mode_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "checkpoint_overhead.py"), "--mode", "gpu"]
+        + ["--sizes", "tiny", "--saves", "1", "--out", str(tmp_path)],
+        env=engine_env("jax", FT_BENCH_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (result,) = json.loads((tmp_path / "benchmark-gpu.json").read_text())
+    assert set(result["modes"]) == {"close", "spaced"}
+    for mode in result["modes"].values():
+        assert set(mode["runs"]) >= {"baseline", "raw_floor", "ft", "keras_backup_and_restore"}
+        assert mode["runs"]["ft"][0]["commits"] >= 1
+    assert result["restore"]["ft_restore"][0] > 0
+    table = (tmp_path / "benchmark-gpu.md").read_text()
+    assert "keras_orbax_checkpoint" in table and "ft / cold read" in table
