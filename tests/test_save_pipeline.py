@@ -93,7 +93,9 @@ def test_end_of_fit_wait_is_bounded_by_timeout(
     held_writes(monkeypatch, release)
     callback = ft.BackupAndRestore(tmp_path / "b", save_freq=4, async_save=True, timeout=0.5)
     try:
-        with pytest.raises(errors.SaveTimeoutError, match=r"timeout=0.5 s for the backup of step 4 to"):
+        with pytest.raises(
+            errors.SaveTimeoutError, match=r"timeout=0.5 s for the backup of step 4 to"
+        ):
             make_model().fit(X, Y, batch_size=16, epochs=1, callbacks=[callback], verbose=0)
     finally:
         release.set()
@@ -109,8 +111,14 @@ def test_save_overlapping_training_captures_its_step_bit_for_bit(
     """Also: a mid-epoch interrupted run ends bit-identical to an uninterrupted one."""
     out = tmp_path / "exactness.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "exactness_check.py"), "--width", "16"]
-        + ["--out", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "exactness_check.py"),
+            "--width",
+            "16",
+            "--out",
+            str(out),
+        ],
         env=engine_env(backend),
         capture_output=True,
         text=True,
@@ -126,8 +134,18 @@ def test_save_overlapping_training_captures_its_step_bit_for_bit(
 @pytest.mark.slow
 def test_benchmark_gpu_mode_runs_at_a_tiny_size(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "checkpoint_overhead.py"), "--mode", "gpu"]
-        + ["--sizes", "tiny", "--saves", "1", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "checkpoint_overhead.py"),
+            "--mode",
+            "gpu",
+            "--sizes",
+            "tiny",
+            "--saves",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
         env=engine_env("jax", FT_BENCH_DIR=str(tmp_path)),
         capture_output=True,
         text=True,
