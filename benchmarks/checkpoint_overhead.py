@@ -162,7 +162,8 @@ def main() -> None:
         res = run(args.child, args.saves, args.close_every, args.repeats)
         res["device"] = device_name(os.environ.get("KERAS_BACKEND", ""), args.mode)
         print("RESULT " + json.dumps(res), flush=True)
-        return
+        sys.stderr.flush()
+        os._exit(0)  # the engines' teardown can take long on a busy host
     gpu = args.mode == "gpu"
     sizes = args.sizes or (["300M"] if gpu else ["25M"])
     backends = args.backends or (["jax"] if gpu else ["jax", "tensorflow"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -190,7 +191,9 @@ def main() -> None:
     print("EXACTNESS " + line, flush=True)
     if args.out:
         Path(args.out).write_text(line + "\n")
-    sys.exit(0 if result["ok"] else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if result["ok"] else 1)  # the engines' teardown can take long on a busy host
 
 
 if __name__ == "__main__":

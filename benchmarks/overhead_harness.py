@@ -203,13 +203,17 @@ def limits(model: Any, work: Path) -> dict[str, float | None]:
                 )
                 jax.block_until_ready(pinned)
                 out[key] = time.perf_counter() - start
+            except Exception:  # no pinned_host memory here
+                out[key] = None
+                continue
+            try:  # does NumPy read the page-locked buffer in place?
                 view = np.asarray(pinned[0])
                 out["pinned_is_zero_copy"] = float(
                     view.ctypes.data == pinned[0].unsafe_buffer_pointer()
                 )
-                del pinned, view
-            except Exception:  # no pinned_host memory here
-                out[key] = None
+            except Exception:
+                out["pinned_is_zero_copy"] = None
+            del pinned
         del fresh
     else:
         out["device_copy"] = out["to_host_pageable"] = out["to_host_pinned"] = None
