@@ -84,3 +84,12 @@ def test_inspect_shows_the_variable_counts_that_json_shows(tmp_path: Path) -> No
     assert counts["model"] == 2 and counts["optimizer"] > 0
     shown = ", ".join(f"{n} {group}" for group, n in counts.items())
     assert f"    variables:  {shown}\n" in text.stdout
+
+
+def test_import_ft_and_its_command_lines_import_no_engine() -> None:
+    code = (
+        "import sys, ft, ft.launch, ft.inspection, ft.__main__, ft.report, ft.log\n"
+        "print(sorted(m for m in ('keras', 'tensorflow', 'jax') if m in sys.modules))\n"
+    )
+    proc = cli(sys.executable, "-c", code)
+    assert (proc.returncode, proc.stdout) == (0, "[]\n"), proc.stderr
