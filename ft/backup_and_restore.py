@@ -100,7 +100,9 @@ class BackupAndRestore(keras.callbacks.Callback):
             backups: `max(max_to_keep, 2)`. Defaults to `False`.
         delete_checkpoint: Boolean. If `True`, every backup ft wrote
             (damaged ones moved aside included) is deleted when `fit`
-            completes. Use `False` to keep them. Defaults to `True`.
+            completes. Use `False` to keep them: then the newest holds the
+            state `fit` ended with (a last backup is saved at the end of
+            `fit` when the last periodic one is older). Defaults to `True`.
         save_before_preemption: Boolean. If `True`, a SIGTERM to any worker
             makes every worker save a backup of the same step at a batch
             boundary soon after, leave `fit`, and exit the process with code
