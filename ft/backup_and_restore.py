@@ -211,10 +211,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._step = self._last_saved_step = self._batch = 0
         self._resume = None
         self._pending_metrics = None
-        path, record = self._agree_on_restore_point()
         self.restored = None
-        if path is not None:
-            self._restore(path, record or self._store.read_record(path))
+        self._restore_newest_intact()
         # Nobody trains (and the chief replaces no backup) until all have loaded.
         self._coordinator.barrier("restored", self.timeout)
         self._preempted = False
@@ -326,6 +324,27 @@ class BackupAndRestore(keras.callbacks.Callback):
             )
             sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
+    def _restore_newest_intact(self) -> None:
+        """Load the newest intact backup, if any. Call on all processes.
+
+        One process verifies the arrays while it reads them: a backup that
+        fails that read is moved aside and the next older one is tried (none
+        is moved when no older one is kept). With several processes the chief
+        reads every array before it names the backup (`verify_all`), since
+        the workers' reads cannot fall back together.
+        """
+        while True:
+            path, record = self._agree_on_restore_point()
+            if path is None:
+                return
+            try:
+                self._restore(path, record or self._store.read_record(path))
+                return
+            except errors.CheckpointCorruptedError as e:
+                if self._coordinator.num_processes > 1 or not self._store.older_than(path):
+                    raise
+                self._store.set_aside(path, e)
+
     def _agree_on_restore_point(self) -> tuple[str | None, BackupRecord | None]:
         """The chief picks the newest intact backup; every worker learns which.
 
@@ -341,7 +360,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 self._store.prepare()
                 dir_lock.acquire(self._store.directory)
                 self._store.remove_partial()
-                found = self._store.latest()
+                found = self._store.latest(read_all=self._coordinator.num_processes > 1)
                 decision = json.dumps({"path": found[0] if found else None})
             except (errors.FTError, OSError) as e:
                 failure = e

@@ -12,13 +12,24 @@ Layout of `backup_dir`::
     .ft-lock                 held by the live run (dir_lock)
 
 A backup is written under a temporary name, every file is fsynced and its
-size and CRC32 recorded, the record is written and fsynced, and only then is
-the directory renamed to its committed name and the parent fsynced. Backups
+size recorded, the record is written and fsynced, and only then is the
+directory renamed to its committed name and the parent fsynced. Backups
 beyond the newest `max_to_keep` are removed after that, so a SIGKILL at any
 moment leaves at least one committed, complete backup (once the first one
 exists). A backup found damaged is renamed aside, out of the committed names,
 so it never counts as newer than an intact one and never takes an intact
 backup's place in the `max_to_keep` kept.
+
+Integrity without a pass of its own over the array bytes: every array chunk
+carries a crc32c that TensorStore computes as it encodes the chunk and checks
+as it decodes it (`chunk_checksums`), and OCDBT's nodes carry their own. So
+at commit only the small files that are not OCDBT data files (Orbax's JSON
+metadata, manifests) are read back for a CRC32; at restore the listing is
+checked against the recorded sizes and those small files against their CRC32
+(`verify`), and the arrays are verified while they are read (`read_arrays`).
+`verify_all` also reads every array, for `python -m ft inspect`. Where the
+codec could not be added (another Orbax, the JAX multi-host collective write)
+every file gets a CRC32 at commit and is checked by `verify`, as before.
 
 Writing methods are called by the primary process only; reading methods on
 every process.
@@ -35,7 +46,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ft import errors
+from ft import chunk_checksums, errors
 from ft.metadata import FILENAME as RECORD_NAME
 from ft.metadata import BackupRecord
 
@@ -49,6 +60,8 @@ ARRAYS = "state"
 _COMMITTED = re.compile(r"^ft-step-(\d+)$")
 _CHUNK = 8 << 20
 _IO_THREADS = 4
+# The directory of OCDBT data files, whose bytes TensorStore checks on read.
+_OCDBT_DATA = "d"
 
 
 def _fsync_path(path: str, directory: bool = False) -> None:
@@ -71,8 +84,17 @@ def _crc32(path: str, sync: bool = False) -> tuple[int, int]:
     return crc, size
 
 
-def _crc32_and_sync(path: str) -> tuple[int, int]:
-    return _crc32(path, sync=True)
+def _sync_and_sum(path: str, crc: bool) -> dict[str, int]:
+    """fsync a file; its size, and its CRC32 when `crc` (read from the page cache)."""
+    if crc:
+        value, size = _crc32(path, sync=True)
+        return {"size": size, "crc32": value}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return {"size": os.fstat(fd).st_size, "chunk_crc32c": 1}
+    finally:
+        os.close(fd)
 
 
 class CheckpointStore:
@@ -88,6 +110,8 @@ class CheckpointStore:
         self.directory = os.path.abspath(os.fspath(backup_dir))
         self.max_to_keep = max_to_keep
         self._checkpointer: Any = None
+        # Temporary directories whose arrays all carry a chunk crc32c.
+        self._chunk_crc: set[str] = set()
 
     # ------------------------------------------------------------------ writer
     def prepare(self) -> None:
@@ -150,18 +174,23 @@ class CheckpointStore:
         if not name:
             return final
         tmp = os.path.join(self.directory, name)
-        self._write_arrays(tmp, arrays)
+        # The chief cannot tell whether the other processes' arrays got the
+        # chunk crc32c: it checksums every file at commit.
+        self._write_arrays(tmp, arrays, chunk_crc=False)
         coordinator.barrier("arrays-written", timeout)
         if coordinator.is_chief:
             self._commit(tmp, final, record)
         return final
 
     def _keep_existing(self, final: str) -> bool:
-        """Whether `final` holds an intact backup; a damaged one is moved aside."""
+        """Whether `final` holds an intact backup; a damaged one is moved aside.
+
+        Every array is read (rare: a step is saved twice only around a resume).
+        """
         if not os.path.isdir(final):
             return False
         try:
-            self.verify(final)
+            self.verify_all(final)
         except errors.CheckpointCorruptedError as e:
             self.set_aside(final, e)
             return False
@@ -175,24 +204,35 @@ class CheckpointStore:
         os.makedirs(tmp)
         return tmp
 
-    def _write_arrays(self, tmp: str, arrays: Any) -> None:
+    def _write_arrays(self, tmp: str, arrays: Any, chunk_crc: bool = True) -> None:
         import orbax.checkpoint as ocp
 
         checkpointer = self._orbax()
-        checkpointer.save(os.path.join(tmp, ARRAYS), args=ocp.args.PyTreeSave(arrays))
+        # Registered by ft's own directory: Orbax writes under a temporary name
+        # of its own inside it, then renames.
+        with chunk_checksums.checksummed(tmp) as tracker:
+            checkpointer.save(os.path.join(tmp, ARRAYS), args=ocp.args.PyTreeSave(arrays))
+        if chunk_crc and tracker.applied:
+            self._chunk_crc.add(tmp)
 
     def _commit(self, tmp: str, final: str, record: BackupRecord) -> None:
-        """fsync and checksum every file, write the record, rename. Primary only."""
+        """fsync every file, record sizes (and CRC32s), write the record, rename. Primary only."""
         files, dirs = [], []
         for root, dir_names, file_names in os.walk(tmp):
             files += [os.path.join(root, name) for name in file_names]
             dirs += [os.path.join(root, name) for name in dir_names]
-        # zlib.crc32 and fsync release the GIL: checksum and sync files in parallel.
+        chunk_crc = tmp in self._chunk_crc
+        self._chunk_crc.discard(tmp)
+        # A CRC32 only where TensorStore checks nothing on read. zlib.crc32 and
+        # fsync release the GIL: files are synced (and summed) in parallel.
+        needs_crc = [
+            not (chunk_crc and os.path.basename(os.path.dirname(path)) == _OCDBT_DATA)
+            for path in files
+        ]
         with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
-            sums = list(pool.map(_crc32_and_sync, files))
+            sums = list(pool.map(_sync_and_sum, files, needs_crc))
         record.files = {
-            os.path.relpath(path, tmp): {"size": size, "crc32": crc}
-            for path, (crc, size) in zip(files, sums, strict=True)
+            os.path.relpath(path, tmp): meta for path, meta in zip(files, sums, strict=True)
         }
         for path in dirs:
             _fsync_path(path, directory=True)
@@ -281,11 +321,12 @@ class CheckpointStore:
                 found.append((int(match.group(1)), os.path.join(self.directory, name)))
         return [path for _, path in sorted(found, reverse=True)]
 
-    def latest(self) -> tuple[str, BackupRecord] | None:
+    def latest(self, read_all: bool = False) -> tuple[str, BackupRecord] | None:
         """The newest intact backup and its record, or None when there is none.
 
-        Primary process only. Every file is checked against its recorded size
-        and CRC32. Damaged backups newer than the newest intact one are moved
+        Primary process only. Each backup is checked by `verify` (listing,
+        sizes, CRC32s of the small files), or by `verify_all` (every array
+        read too) when `read_all`. Damaged backups newer than the newest intact one are moved
         aside (`set_aside`), so the next save of their step replaces them and
         they never push an intact backup out of the `max_to_keep` kept. When
         none is intact, nothing is moved and the newest one's damage is raised.
@@ -296,7 +337,7 @@ class CheckpointStore:
         damaged: list[tuple[str, errors.CheckpointCorruptedError]] = []
         for path in self.committed():
             try:
-                record = self.verify(path)
+                record = self.verify_all(path) if read_all else self.verify(path)
             except errors.CheckpointCorruptedError as e:
                 damaged.append((path, e))
                 continue
@@ -306,6 +347,11 @@ class CheckpointStore:
         if damaged:
             raise damaged[0][1]
         return None
+
+    def older_than(self, path: str) -> bool:
+        """Whether a committed backup older than `path` exists. Call on any process."""
+        committed = self.committed()
+        return path in committed and committed.index(path) < len(committed) - 1
 
     def read_record(self, path: str) -> BackupRecord:
         """The record of the backup in `path`, without checking its data files."""
@@ -317,7 +363,12 @@ class CheckpointStore:
             raise self._corrupted(path, record_path, f"its record cannot be read ({e})") from e
 
     def verify(self, path: str) -> BackupRecord:
-        """Check every file of the backup in `path`; return its record.
+        """Check the backup in `path` up to its array bytes; return its record.
+
+        Any process. Every recorded file must exist with its recorded size,
+        and every file with a recorded CRC32 must match it. The bytes of OCDBT
+        data files written with a chunk crc32c are left to `read_arrays`,
+        which checks them as it reads them; `verify_all` reads them too.
 
         Raises:
             CheckpointCorruptedError: naming the backup directory and the first
@@ -330,29 +381,76 @@ class CheckpointStore:
             if not os.path.isfile(file_path):
                 raise self._corrupted(path, file_path, "the file is missing")
             size = os.path.getsize(file_path)
-            if size != meta["size"]:
+            if size != meta.get("size"):
                 raise self._corrupted(
-                    path, file_path, f"it has {size} bytes, {meta['size']} were written"
+                    path, file_path, f"it has {size} bytes, {meta.get('size')} were written"
                 )
-        paths = [os.path.join(path, relative) for relative, _ in expected]
+            if "crc32" not in meta and not meta.get("chunk_crc32c"):
+                raise self._corrupted(path, file_path, "its record holds no checksum for it")
+        summed = [(relative, meta) for relative, meta in expected if "crc32" in meta]
+        paths = [os.path.join(path, relative) for relative, _ in summed]
         with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
             sums = list(pool.map(_crc32, paths))
-        for (relative, meta), (crc, _) in zip(expected, sums, strict=True):
+        for (relative, meta), (crc, _) in zip(summed, sums, strict=True):
             if crc != meta["crc32"]:
                 raise self._corrupted(
                     path, os.path.join(path, relative), "its checksum does not match"
                 )
         return record
 
+    def verify_all(self, path: str) -> BackupRecord:
+        """`verify`, then read every array, checking each chunk's crc32c. Any process.
+
+        Reads through TensorStore directly, one array at a time (its chunks
+        in parallel), with no Orbax call: Orbax's restore is a collective under
+        JAX multi-host, and this runs on the chief alone. For
+        `python -m ft inspect`, the chief of a multi-process restore, and a
+        save of a step that is already committed.
+        """
+        record = self.verify(path)
+        import tensorstore as ts
+
+        state = os.path.join(path, ARRAYS)
+        base = {"driver": "ocdbt", "base": f"file://{state}/"}
+        name = state
+        try:
+            keys = ts.KvStore.open(base).result().list().result()
+            names = sorted(
+                {k.decode()[: -len("zarr.json")] for k in keys if k.endswith(b"zarr.json")}
+            )
+            for name in names:
+                array = ts.open(
+                    {"driver": "zarr3", "kvstore": {**base, "path": name}}, open=True
+                ).result()
+                array.read().result()
+        except (OSError, ValueError) as e:
+            raise self._corrupted(path, state, f"array {name!r} cannot be read ({e})") from e
+        return record
+
     def read_arrays(self, path: str, target: Any) -> Any:
-        """Load the arrays of the backup in `path` shaped like `target`. Any process."""
+        """Load the arrays of the backup in `path` shaped like `target`. Any process.
+
+        TensorStore checks every chunk's crc32c (and OCDBT's nodes theirs) as
+        it reads, several arrays and chunks at once.
+
+        Raises:
+            CheckpointCorruptedError: when a chunk or an index fails its
+                checksum, or a file is short or missing.
+        """
         import orbax.checkpoint as ocp
 
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-        return self._orbax().restore(
-            os.path.join(path, ARRAYS),
-            args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args),
-        )
+        try:
+            return self._orbax().restore(
+                os.path.join(path, ARRAYS),
+                args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args),
+            )
+        except (OSError, ValueError) as e:
+            # TensorStore reports a checksum mismatch as DATA_LOSS, a short
+            # file as OUT_OF_RANGE, a missing one as NOT_FOUND (ValueError).
+            raise self._corrupted(
+                path, os.path.join(path, ARRAYS), f"its arrays cannot be read ({e})"
+            ) from e
 
     # ----------------------------------------------------------------- helpers
     def _names(self) -> list[str]:

@@ -30,6 +30,7 @@ def describe(backup_dir: str) -> dict[str, Any]:
     moved_aside = [_entry(store, path) for path in store.damaged()]
     names = sorted(os.listdir(store.directory)) if os.path.isdir(store.directory) else []
     leftovers = [n for n in names if n.startswith((TMP_PREFIX, TRASH_PREFIX))]
+    store.close()
     return {
         "backup_dir": store.directory,
         "exists": os.path.isdir(store.directory),
@@ -57,7 +58,7 @@ def _entry(store: CheckpointStore, path: str) -> dict[str, Any]:
             size_bytes=sum(f["size"] for f in record.files.values()),
             variables={g: len(v) for g, v in record.variables.items()},
         )
-        store.verify(path)
+        store.verify_all(path)
         entry.update(intact=True, problem=None)
     except errors.CheckpointCorruptedError as e:
         entry.update(intact=False, problem=str(e))
@@ -112,7 +113,11 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"    size:       {_size(b['size_bytes'])} in {b['files']} files")
             counts = ", ".join(f"{n} {group}" for group, n in b["variables"].items())
             lines.append(f"    variables:  {counts or 'none'}")
-        status = "intact (sizes and CRC32 checksums verified)" if b["intact"] else "DAMAGED"
+        status = (
+            "intact (every file and every array chunk checksum verified)"
+            if b["intact"]
+            else "DAMAGED"
+        )
         lines.append(f"    status:     {status}")
         if b["problem"]:
             lines.append(f"    problem:    {b['problem']}")

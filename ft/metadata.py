@@ -30,7 +30,9 @@ class BackupRecord:
         written_at: UTC time of the commit, ISO 8601.
         variables: JSON manifest of the saved variables (see `training_state`).
         rng: Host random state captured at the start of `epoch`, or None.
-        files: Relative path -> {"size": bytes, "crc32": int} for every data file.
+        files: Relative path -> {"size": bytes, "crc32": int} for every file,
+            or {"size": bytes, "chunk_crc32c": 1} for an OCDBT data file whose
+            array chunks carry a crc32c that TensorStore checks as it reads them.
         extra: Anything an engine adapter adds; kept as given.
     """
 

@@ -130,7 +130,7 @@ def _committed(backup_dir: Path) -> list[Path]:
     return sorted(p for p in backup_dir.iterdir() if p.name.startswith("ft-step-"))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "record"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "flip-middle", "delete", "record"])
 def test_damaged_backup_is_never_loaded_silently(damage: str, tmp_path: Path) -> None:
     interrupted_fit(tmp_path / "b")
     (backup,) = _committed(tmp_path / "b")
@@ -147,6 +147,9 @@ def test_damaged_backup_is_never_loaded_silently(damage: str, tmp_path: Path) ->
             victim.write_bytes(data[: len(data) // 2])
         elif damage == "flip":
             victim.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+        elif damage == "flip-middle":  # inside a chunk: found by its crc32c as it is read
+            middle = len(data) // 2
+            victim.write_bytes(data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1 :])
         else:
             victim.unlink()
     with pytest.raises(errors.CheckpointCorruptedError) as info:
@@ -154,7 +157,12 @@ def test_damaged_backup_is_never_loaded_silently(damage: str, tmp_path: Path) ->
             X, Y, batch_size=4, epochs=2, callbacks=[ft.BackupAndRestore(tmp_path / "b")], verbose=0
         )
     assert isinstance(info.value, OSError)
-    assert str(tmp_path / "b") in str(info.value) and str(victim) in str(info.value)
+    assert str(backup) in str(info.value)
+    # A damaged file the listing check finds is named; a flipped array byte
+    # is found as the arrays are read, and the message names the array.
+    where = victim if damage in ("truncate", "delete", "record") else backup / "state"
+    assert str(where) in str(info.value)
+    assert _committed(tmp_path / "b") == [backup]  # nothing older: nothing moved aside
 
 
 def test_damaged_backup_falls_back_to_an_older_intact_one(tmp_path: Path) -> None:
