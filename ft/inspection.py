@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ft import __version__ as ft_version
 from ft import errors
 from ft.checkpoint_store import TMP_PREFIX, TRASH_PREFIX, CheckpointStore
 from ft.dir_lock import LOCK_NAME
@@ -145,6 +146,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ft inspect") 
     )
     parser.add_argument("backup_dir")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead")
+    parser.add_argument("--version", action="version", version=f"ft {ft_version}")
     args = parser.parse_args(argv)
     report = describe(args.backup_dir)
     print(json.dumps(report, indent=1) if args.json else render(report))

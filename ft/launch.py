@@ -327,6 +327,9 @@ def build_parser(prog: str = "python -m ft.launch") -> argparse.ArgumentParser:
         epilog=HELP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from ft import __version__
+
+    parser.add_argument("--version", action="version", version=f"ft {__version__}")
     parser.add_argument(
         "-n", "--num-workers", type=int, required=True, help="number of workers (required)"
     )

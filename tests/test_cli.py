@@ -33,8 +33,9 @@ def test_python_m_ft_without_a_command_or_with_a_wrong_one_exits_2() -> None:
 
 
 def test_version() -> None:
-    proc = cli(sys.executable, "-m", "ft", "--version")
-    assert (proc.returncode, proc.stdout) == (0, f"ft {ft.__version__}\n")
+    for command in (["ft"], ["ft.launch"], ["ft", "inspect"]):
+        proc = cli(sys.executable, "-m", *command, "--version")
+        assert (proc.returncode, proc.stdout) == (0, f"ft {ft.__version__}\n"), command
 
 
 def ft_script() -> str:
