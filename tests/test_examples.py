@@ -56,6 +56,8 @@ def test_readme_first_command_installs_jax_only_and_runs_the_resume_demo() -> No
     assert command.endswith(".venv/bin/python multiworker_examples/resume_demo.py")
     second = re.findall(r"```bash\n(.*?)\n```", readme, re.S)[1]
     assert "pip install -q -e '.[tensorflow,jax,test]'" in second
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert second in ci, "CI runs the README's test command as written"
 
 
 def test_resume_demo_without_tensorflow(tmp_path: Path) -> None:
