@@ -17,6 +17,7 @@ import ft.strategies as strategies
 from ft import (
     dir_lock,
     errors,
+    fit_exit,
     fit_loop,
     log,
     preemption,
@@ -184,6 +185,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.stats: report.SaveStats = report.SaveStats()
         self._fit_start: float = time.monotonic()
         self._due_step: int | None = None
+        self._fit_exit: fit_exit.FitExit | None = None
         self._preempted: bool = False
         self.restored: dict[str, Any] | None = None
         keep = max(self.max_to_keep, 2) if self.double_checkpoint else self.max_to_keep
@@ -204,6 +206,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._due_step = None
         self._wait_for_earlier_fit()
         model = self.model
+        # Undone however this fit ends (Keras calls on_train_end only when it completes).
+        self._fit_exit = fit_exit.on_fit_exit(model, self._undo_fit_hooks)
         self._coordinator = strategies.coordinator_for(model)
         self._coordinator.begin(self.timeout)  # names unique to this fit
         log.set_process_index(self._coordinator.process_index)
@@ -286,11 +290,8 @@ class BackupAndRestore(keras.callbacks.Callback):
                 self._save(epoch=epoch + 1, batch=0, at_epoch_end=True)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        self.model._initial_epoch = None
-        fit_loop.unguard_train_function(self.model)
-        if self._preemption is not None:
-            self._preemption.uninstall()
-            self._preemption = None
+        if self._fit_exit is not None:
+            self._fit_exit()
         keep = not self.delete_checkpoint and not self._preempted
         if not self._preempted and (
             self._due_step is not None or (keep and self._step > self._last_saved_step)
@@ -323,6 +324,14 @@ class BackupAndRestore(keras.callbacks.Callback):
                 preemption.PREEMPTED_EXIT_CODE,
             )
             sys.exit(preemption.PREEMPTED_EXIT_CODE)
+
+    def _undo_fit_hooks(self) -> None:
+        """Undo what on_train_begin installed for this fit; runs once, by any exit path."""
+        self.model._initial_epoch = None
+        fit_loop.unguard_train_function(self.model)
+        if self._preemption is not None:
+            self._preemption.uninstall()
+            self._preemption = None
 
     def _restore_newest_intact(self) -> None:
         """Load the newest intact backup, if any. Call on all processes.

@@ -41,6 +41,10 @@ class BarrierTimeoutError(FTError, TimeoutError):
     """A cross-process wait did not complete within its timeout."""
 
 
+class ProcessExitTimeoutError(FTError, TimeoutError):
+    """A worker process did not exit within the launcher's bound after SIGKILL."""
+
+
 class PeerLostError(FTError, RuntimeError):
     """A peer worker died or stopped answering."""
 

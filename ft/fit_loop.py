@@ -149,10 +149,13 @@ def guard_train_function(model: Any, coordinator: Any) -> None:
         return
 
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        where = f"A training step on worker {coordinator.process_index}"
+        where = (
+            f"A training step on worker {coordinator.process_index} (its collective with "
+            "every other worker)"
+        )
         from ft.strategies import translate_engine_errors
 
-        with translate_engine_errors(where, timeout=0):
+        with translate_engine_errors(where, timeout=None):
             return original(*args, **kwargs)
 
     guarded._ft_original = original  # type: ignore[attr-defined]

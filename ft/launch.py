@@ -32,6 +32,10 @@ from dataclasses import dataclass, field
 
 import portpicker
 
+from ft import errors
+
+# A worker that outlives SIGKILL by this long is stuck in the kernel.
+KILL_WAIT_SECONDS = 30.0
 POLL_SECONDS = 0.05
 PREEMPTED = 42  # ft.PREEMPTED_EXIT_CODE: "preempted, state saved, restart me"
 # Set in a worker's environment unless already set (not with --engine-logs):
@@ -283,9 +287,18 @@ class Launcher:
                 proc.wait(timeout=max(deadline - time.monotonic(), 0))
             except subprocess.TimeoutExpired:
                 self._say(f"worker {self._procs.index(proc)} ignored SIGTERM; sending SIGKILL")
-        for proc in self._procs:
+        for index, proc in enumerate(self._procs):
             _signal_group(proc, signal.SIGKILL)  # and whatever it started
-            proc.wait()
+            try:
+                proc.wait(timeout=KILL_WAIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                raise errors.ProcessExitTimeoutError(
+                    f"worker {index} (pid {proc.pid}) did not exit within "
+                    f"{KILL_WAIT_SECONDS:g} s of SIGKILL: it is stuck in the kernel (an "
+                    "uninterruptible wait on a device or a network filesystem). Check "
+                    f"`cat /proc/{proc.pid}/stack`; the launcher stops here instead of "
+                    "starting a group beside it."
+                ) from None
         for pump in self._pumps:
             pump.join(timeout=5)
 

@@ -60,8 +60,12 @@ def auto(
     Args:
         heartbeat_timeout: Seconds after which a silent peer is declared dead.
             Defaults to 30.
-        collective_timeout: TensorFlow only: seconds one collective may wait,
-            or None (the default) to rely on the heartbeat.
+        collective_timeout: TensorFlow only: seconds one collective (a
+            training step's all-reduce) may wait for the other workers before
+            it fails with `ft.errors.BarrierTimeoutError`. None (the default)
+            means 300 s, ft's default `timeout`; a dead or frozen peer is
+            detected sooner, by the heartbeat. Under JAX a collective waits
+            for a dead or frozen peer at most `heartbeat_timeout`.
         seed: JAX only: the seed every process uses; drawn by process 0 and
             broadcast when None.
         layout_map: JAX only: a `keras.distribution.LayoutMap` for model
@@ -78,7 +82,9 @@ def auto(
             return tf_adapter.multi_worker_strategy(
                 cluster,
                 heartbeat_timeout=heartbeat_timeout or tf_adapter.DEFAULT_HEARTBEAT_TIMEOUT,
-                collective_timeout=collective_timeout,
+                collective_timeout=(
+                    DEFAULT_TIMEOUT if collective_timeout is None else collective_timeout
+                ),
             )
         import tensorflow as tf
 

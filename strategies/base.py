@@ -279,8 +279,11 @@ def cluster_from_tf_config(environ: dict[str, str] | None = None) -> ClusterSpec
 
 
 @contextlib.contextmanager
-def translate_engine_errors(what: str, timeout: float) -> Iterator[None]:
-    """Turn an engine's deadline and peer-failure errors into ft errors."""
+def translate_engine_errors(what: str, timeout: float | None) -> Iterator[None]:
+    """Turn an engine's deadline and peer-failure errors into ft errors.
+
+    `timeout` is the bound the wait had, or None where the engine set it.
+    """
     try:
         yield
     except errors.FTError:
@@ -289,9 +292,16 @@ def translate_engine_errors(what: str, timeout: float) -> Iterator[None]:
         text = f"{type(e).__name__}: {e}"
         if "DeadlineExceeded" in text or "timed out" in text.lower():
             raise errors.BarrierTimeoutError(
-                f"{what} did not complete within {timeout:g} s: not every worker arrived "
+                f"{what} did not complete "
+                f"{'in time' if timeout is None else f'within {timeout:g} s'}: not every "
+                "worker arrived "
                 f"({text.splitlines()[0][:300]}). A worker is dead, hung or much slower than "
-                "the others; check its log. Raise `timeout` if it is only slow."
+                "the others; check its log. If it is only slow, raise "
+                + (
+                    "`collective_timeout` (ft.strategies.auto)."
+                    if timeout is None
+                    else "the callback's `timeout`."
+                )
             ) from e
         if any(k in text for k in ("Unavailable", "Aborted", "unhealthy", "Connection reset")):
             raise errors.PeerLostError(

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 _applied = False
+_originals: dict[str, Any] = {}
 
 
 def apply() -> bool:
@@ -69,7 +70,25 @@ def apply() -> bool:
 
         return tree.map_structure(_reduce, values)
 
+    _originals.update(build=original_build, reduce=original_reduce)
     tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
     tf_trainer.reduce_per_replica = reduce_per_replica
     _applied = True
     return True
+
+
+def remove() -> None:
+    """Put Keras's own functions back (idempotent).
+
+    The patches are process-wide and stay for the strategy's life: `fit`'s
+    first step needs them before any callback runs, and they act only under a
+    multi-worker strategy. Call this when no multi-worker `fit` follows.
+    """
+    global _applied
+    if not _applied:
+        return
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _originals.pop("build")
+    tf_trainer.reduce_per_replica = _originals.pop("reduce")
+    _applied = False

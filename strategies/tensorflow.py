@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ft.strategies.base import ClusterSpec, KeyValueCoordinator
+from ft.strategies.base import DEFAULT_TIMEOUT, ClusterSpec, KeyValueCoordinator
 
 logger = logging.getLogger("ft")
 
@@ -20,7 +20,7 @@ DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 def multi_worker_strategy(
     cluster: ClusterSpec,
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
-    collective_timeout: float | None = None,
+    collective_timeout: float = DEFAULT_TIMEOUT,
 ) -> Any:
     """A MultiWorkerMirroredStrategy for the cluster in TF_CONFIG. Call on all workers.
 
@@ -28,7 +28,8 @@ def multi_worker_strategy(
         cluster: Parsed TF_CONFIG (`base.cluster_from_tf_config`).
         heartbeat_timeout: Seconds after which the coordination service declares
             a silent worker dead, so survivors fail instead of hanging.
-        collective_timeout: Seconds a single collective may wait, or None.
+        collective_timeout: Seconds a single collective may wait before it
+            fails with DeadlineExceeded (ft's `BarrierTimeoutError`).
     """
     import tensorflow as tf
     from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2

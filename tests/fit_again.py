@@ -12,8 +12,9 @@ Every process runs the same sequence of fits on one model:
    same directory restores step 5 and finishes.
 
 With `--reference` the same fits run without errors or callbacks. The report
-holds the weights' checksum after each phase, the restored points and whether
-the SIGTERM handler was restored after each `fit` that raised.
+holds the weights' checksum after each phase, the restored points and, after
+each `fit` that raised, whether the SIGTERM handler was restored and whether the
+train function is still ft's guarded one.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def main() -> None:
         )
     with strategy.scope():
         model = make_model(synchronized_bn=keras.backend.backend() == "tensorflow")
-    report: dict = {"restored": [], "handler_after_raise": []}
+    report: dict = {"restored": [], "handler_after_raise": [], "guard_after_raise": []}
     fit = dict(batch_size=batch_size, verbose=0)
     if args.reference:
         model.fit(x, y, epochs=3, **fit)
@@ -100,9 +101,12 @@ def main() -> None:
         else:
             raise AssertionError("the injected error was not raised")
         report["handler_after_raise"].append(signal.getsignal(signal.SIGTERM) == default_handler)
+        report["guard_after_raise"].append(hasattr(model.train_function, "_ft_original"))
 
     # Phase A: the same callback again.
-    a = ft.BackupAndRestore(os.path.join(args.dir, "a"), save_freq=5, timeout=60)
+    a = ft.BackupAndRestore(
+        os.path.join(args.dir, "a"), save_freq=5, save_before_preemption=True, timeout=60
+    )
     fit_raising(a, 12)
     model.fit(x, y, epochs=3, callbacks=[a], **fit)
     report["restored"].append(a.restored)

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -72,6 +73,9 @@ class Recorder(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.args.sigterm_at_step == step:
             os.kill(os.getpid(), signal.SIGTERM)
+        if self.args.stall_at_step == step:
+            print("stalling", flush=True)
+            time.sleep(120)  # alive (heartbeats go on) but absent from the collectives
         if self.args.sigstop_at_step == step:
             os.kill(os.getpid(), signal.SIGSTOP)
         if self.args.crash_at_step == step:
@@ -101,6 +105,8 @@ def main() -> None:
     parser.add_argument("--async-save", action="store_true", help="async_save=True")
     parser.add_argument("--heartbeat", type=float, help="ft.strategies.auto(heartbeat_timeout=)")
     parser.add_argument("--sigstop-at-step", type=int, help="SIGSTOP itself there")
+    parser.add_argument("--stall-at-step", type=int, help="sleep 120 s there, alive")
+    parser.add_argument("--collective-timeout", type=float, help="auto(collective_timeout=)")
     parser.add_argument("--sigterm-at-step", type=int, help="send SIGTERM to itself there")
     parser.add_argument("--pid-file", help="write this process's pid here, per worker")
     parser.add_argument(
@@ -115,7 +121,7 @@ def main() -> None:
     first_launch = os.environ.get("FT_RESTART_COUNT", "0") == "0"
     if (args.kill_worker is not None and args.kill_worker != index) or not first_launch:
         args.kill_at_step = args.kill_during_save = args.sigterm_at_step = None
-        args.sigstop_at_step = None
+        args.sigstop_at_step = args.stall_at_step = None
     if args.pid_file:
         with open(f"{args.pid_file}.{index}", "w") as f:
             f.write(str(os.getpid()))
@@ -150,7 +156,11 @@ def main() -> None:
                     ].reshape(-1, a.shape[-1])
                     for a in (x, y)
                 )
-        strategy = ft.strategies.auto(heartbeat_timeout=args.heartbeat, layout_map=layout_map)
+        strategy = ft.strategies.auto(
+            heartbeat_timeout=args.heartbeat,
+            collective_timeout=args.collective_timeout,
+            layout_map=layout_map,
+        )
         with strategy.scope():
             model = make_model(synchronized_bn=keras.backend.backend() == "tensorflow")
     else:

@@ -45,3 +45,6 @@ def test_fit_again_after_an_error_and_after_a_finished_fit(
         assert [(r["epoch"], r["batch"]) for r in rep["restored"]] == [(0, 10), (0, 5)]
         # Interrupted and retried in-process == uninterrupted, after each phase.
         assert (rep["phase_a"], rep["phase_b"]) == (ref["phase_a"], ref["phase_b"])
+        # What ft installed for a fit did not outlive the fit that raised.
+        assert rep["handler_after_raise"] == [True, True]
+        assert rep["guard_after_raise"] == [False, False]
