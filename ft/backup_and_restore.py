@@ -223,8 +223,13 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._coordinator.num_processes > 1:
             fit_loop.guard_train_function(model, self._coordinator)
         if self.save_before_preemption:
-            self._preemption = preemption.PreemptionWatch(self._coordinator, "preempt")
-            self._preemption.install()
+            self._preemption = preemption.PreemptionWatch(
+                self._coordinator,
+                "preempt",
+                self.timeout,
+                stride=getattr(model, "steps_per_execution", 1) or 1,
+            )
+            self._preemption.install(self._step)
         how = report.how_saved(
             self.async_save,
             strategies.every_process_writes(self._coordinator),
@@ -269,9 +274,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             freq = int(self.save_freq)
             scheduled = self._step // freq > self._last_saved_step // freq
         stop_at = self._preemption.stop_step(self._step) if self._preemption else None
+        # The first boundary at or after the agreed step: the same one on every worker.
         preempt = stop_at is not None and self._step >= stop_at
-        if preempt and self._step > stop_at:  # type: ignore[operator]
-            logger.warning("preemption save at step %d, after the agreed %s", self._step, stop_at)
         if scheduled and self._due_step is None:
             self._due_step = self._step
         if preempt or (self._due_step is not None and not self._must_move()):

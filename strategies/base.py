@@ -147,8 +147,12 @@ class KeyValueCoordinator:
         """The value of `key`, waiting for it; raise on timeout."""
         raise NotImplementedError
 
+    # The fits this process began; a class attribute so that tests running
+    # "processes" as threads can give each its own.
+    _fits_begun = _fits_begun
+
     def begin(self, timeout: float) -> int:
-        generation = next(_fits_begun)
+        generation = next(self._fits_begun)
         self._generation, self._ids = generation, itertools.count()
         deadline = time.monotonic() + timeout
         with translate_engine_errors(f"beginning fit number {generation}", timeout):
@@ -303,7 +307,8 @@ def translate_engine_errors(what: str, timeout: float | None) -> Iterator[None]:
                     else "the callback's `timeout`."
                 )
             ) from e
-        if any(k in text for k in ("Unavailable", "Aborted", "unhealthy", "Connection reset")):
+        lowered = text.lower()
+        if any(k in lowered for k in ("unavailable", "aborted", "unhealthy", "connection reset")):
             raise errors.PeerLostError(
                 f"{what} failed because {missing_worker(text)} was lost: it died or stopped "
                 f"answering ({text.splitlines()[0][:300]}). Restart the whole group "

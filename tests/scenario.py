@@ -106,6 +106,9 @@ def main() -> None:
     parser.add_argument("--heartbeat", type=float, help="ft.strategies.auto(heartbeat_timeout=)")
     parser.add_argument("--sigstop-at-step", type=int, help="SIGSTOP itself there")
     parser.add_argument("--stall-at-step", type=int, help="sleep 120 s there, alive")
+    parser.add_argument(
+        "--late-worker", type=int, help="this worker learns of a preemption 2 s late"
+    )
     parser.add_argument("--collective-timeout", type=float, help="auto(collective_timeout=)")
     parser.add_argument("--sigterm-at-step", type=int, help="send SIGTERM to itself there")
     parser.add_argument("--pid-file", help="write this process's pid here, per worker")
@@ -132,6 +135,8 @@ def main() -> None:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
+    if args.late_worker == index:
+        _learn_preemption_late(2.0)
     if args.forbid_writes and index != 0:
         _forbid_store_writes()
     x, y = make_data()
@@ -231,6 +236,22 @@ def _split_first_kernel(devices: list) -> keras.distribution.LayoutMap:
     layout_map[".*/dense/kernel"] = (None, "model")
     layout_map[".*/dense/bias"] = ("model",)
     return layout_map
+
+
+def _learn_preemption_late(seconds: float) -> None:
+    """This worker's preemption listener learns of a SIGTERM `seconds` late."""
+    from ft.preemption import PreemptionWatch
+
+    original = PreemptionWatch._wait_for_preemption
+
+    def late(self):
+        learned = original(self)
+        if learned:
+            print("learning of the preemption late", flush=True)
+            time.sleep(seconds)
+        return learned
+
+    PreemptionWatch._wait_for_preemption = late  # type: ignore[method-assign]
 
 
 def _forbid_store_writes() -> None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import ft
+from ft.preemption import PreemptionWatch
 from tests import helpers
 from tests.helpers import (
     ROOT,
@@ -27,8 +30,45 @@ pytestmark = pytest.mark.slow
 COMMON = ("--save-freq", "false", "--save-before-preemption")
 
 
-def test_exit_code_is_public() -> None:
+class _FailingCoordinator:
+    """Two processes whose key-value store fails: the agreement cannot complete."""
+
+    process_index, num_processes, is_chief = 1, 2, False
+
+    def publish(self, name: str, value: str) -> None:
+        raise RuntimeError("UNAVAILABLE: the coordination service is gone")
+
+    def wait_value(self, name: str, timeout: float) -> str | None:
+        return None
+
+
+def test_one_process_saves_at_the_next_boundary_and_restores_the_handler() -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+    watch = PreemptionWatch(ft.strategies.SingleProcess(), "preempt", timeout=5)
+    watch.install(step=3)
+    try:
+        assert watch.stop_step(4) is None
+        os.kill(os.getpid(), signal.SIGTERM)  # caught: only a flag is set
+        assert watch.signalled and watch.stop_step(5) == 5
+        assert watch.stop_step(6) == 5
+    finally:
+        watch.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is previous
     assert ft.PREEMPTED_EXIT_CODE == 42
+
+
+def test_a_failed_agreement_is_an_error_not_silence() -> None:
+    watch = PreemptionWatch(_FailingCoordinator(), "preempt", timeout=5)
+    watch.install(step=10)
+    try:
+        assert watch.stop_step(11) is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(ft.errors.PeerLostError, match="the preemption agreement failed"):
+            for step in range(12, 10_000):
+                watch.stop_step(step)
+                time.sleep(0.01)  # a training step
+    finally:
+        watch.uninstall()
 
 
 def test_one_process_sigterm_saves_exits_42_and_resumes_exactly(
@@ -62,56 +102,47 @@ def _launch(backend: str, *args: str) -> subprocess.CompletedProcess[str]:
     return helpers.launch(backend, *args)
 
 
-@pytest.mark.parametrize("engine", ["tensorflow", "jax"])
-def test_sigterm_to_one_worker_saves_same_step_on_all_and_relaunch_resumes(
-    engine: str, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module", params=["tensorflow", "jax"])
+def engine_reference(request: pytest.FixtureRequest, tmp_path_factory) -> tuple[str, dict]:
+    engine, out = str(request.param), tmp_path_factory.mktemp("ref")
     ref = _launch(
-        engine,
-        "-n",
-        "2",
-        str(SCENARIO),
-        "--strategy",
-        "auto",
-        "--no-backup",
-        "--out",
-        str(tmp_path / "ref{index}.npz"),
-    )
+        engine, "-n", "2", str(SCENARIO), "--strategy", "auto", "--no-backup",
+        "--out", str(out / "ref{index}.npz"),
+    )  # fmt: skip
     assert ref.returncode == 0, ref.stdout[-3000:]
+    return engine, weights(out / "ref0.npz")
+
+
+@pytest.mark.parametrize(("signalled", "late"), [(1, 0), (0, 1)])
+def test_sigterm_to_one_worker_saves_same_step_on_all_even_if_one_learns_late(
+    engine_reference: tuple[str, dict], signalled: int, late: int, tmp_path: Path
+) -> None:
+    """Worker `signalled` gets SIGTERM after step 17; worker `late` learns of it 2 s
+    later, long after the other could have run past any fixed margin of steps."""
+    engine, reference = engine_reference
     proc = _launch(
-        engine,
-        "-n",
-        "2",
-        "--grace-period",
-        "5",
-        str(SCENARIO),
-        "--strategy",
-        "auto",
-        "--backup-dir",
-        str(tmp_path / "b"),
-        *COMMON,
-        "--sigterm-at-step",
-        "17",
-        "--kill-worker",
-        "1",
-        "--out",
-        str(tmp_path / "w{index}.npz"),
-    )
+        engine, "-n", "2", "--grace-period", "5", str(SCENARIO), "--strategy", "auto",
+        "--backup-dir", str(tmp_path / "b"), *COMMON, "--sigterm-at-step", "17",
+        "--kill-worker", str(signalled), "--late-worker", str(late),
+        "--out", str(tmp_path / "w{index}.npz"),
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-5000:]
-    # Worker 1 got SIGTERM after step 17 and proposed step 18 + 4; both saved there.
-    assert (
-        "[worker 1] ft [process=1] INFO: SIGTERM received: proposing to save and stop at step 22"
-        in proc.stdout
-    )
+    assert f"[worker {signalled}] ft [process={signalled}] INFO: SIGTERM received" in proc.stdout
+    assert f"[worker {late}] learning of the preemption late" in proc.stdout
+    saved = {
+        index: re.findall(rf"\[worker {index}\] ft \[process={index}\] INFO: preempted: saved at step (\d+)", proc.stdout)
+        for index in (0, 1)
+    }  # fmt: skip
+    assert saved[0] == saved[1] and len(saved[0]) == 1, saved
+    # The signalled worker holds at boundary 18; the other, blocked in step 19's
+    # collective, has passed 18: its bound, and the agreed step, is 19.
+    step = int(saved[0][0])
+    assert step == 19
     for index in (0, 1):
-        assert (
-            f"[worker {index}] ft [process={index}] INFO: preempted: saved at step 22"
-            in proc.stdout
-        )
-        assert report(tmp_path / f"w{index}.npz")["restored"]["step"] == 22
-        assert_same_weights(weights(tmp_path / "ref0.npz"), weights(tmp_path / f"w{index}.npz"))
+        assert report(tmp_path / f"w{index}.npz")["restored"]["step"] == step
+        assert_same_weights(reference, weights(tmp_path / f"w{index}.npz"))
     assert re.search(
-        r"worker 1 was preempted and saved \(exit 42\); restarting the group", proc.stdout
+        r"worker \d was preempted and saved \(exit 42\); restarting the group", proc.stdout
     )
 
 
