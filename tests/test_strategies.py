@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
 
 import pytest
 
 import ft
 from ft import errors
+from ft.strategies.base import KeyValueCoordinator
 
 
 def test_invalid_tf_config_gets_a_clear_error() -> None:
@@ -36,11 +39,94 @@ def test_auto_on_one_process_has_a_scope(monkeypatch: pytest.MonkeyPatch) -> Non
         pass
 
 
-def test_single_process_coordinator_satisfies_the_protocol() -> None:
+def test_single_process_coordinator_behaves() -> None:
     coordinator = ft.strategies.SingleProcess()
-    assert isinstance(coordinator, ft.strategies.Coordinator)
+    assert (coordinator.process_index, coordinator.num_processes, coordinator.is_chief) == (
+        0,
+        1,
+        True,
+    )
+    first = coordinator.begin(1.0)
     assert coordinator.broadcast("x", "value", 1.0) == "value"
-    coordinator.barrier("x", 1.0)
+    with pytest.raises(ValueError, match="chief must broadcast"):
+        coordinator.broadcast("x", None, 1.0)
+    coordinator.publish("k", "first")
+    coordinator.publish("k", "second")  # the first writer wins
+    assert coordinator.wait_value("k", 0.01) == "first"
+    assert coordinator.begin(1.0) == first + 1
+    assert coordinator.wait_value("k", 0.01) is None  # a new fit sees none of the last's
+
+
+class _Store:
+    """An in-memory key-value store with barriers, shared by threads posing as processes."""
+
+    def __init__(self, count: int) -> None:
+        self.values: dict[str, str] = {}
+        self.cond = threading.Condition()
+        self.count = count
+        self.arrived: dict[str, int] = {}
+
+
+class _ThreadCoordinator(KeyValueCoordinator):
+    def __init__(self, store: _Store, index: int) -> None:
+        super().__init__(index, store.count)
+        self.store = store
+        self._fits_begun = itertools.count(1)  # each thread is a process of its own
+
+    def _set(self, key: str, value: str) -> None:
+        with self.store.cond:
+            if key in self.store.values:
+                raise RuntimeError(f"ALREADY_EXISTS: {key}")
+            self.store.values[key] = value
+            self.store.cond.notify_all()
+
+    def _get(self, key: str, timeout_ms: int) -> str:
+        with self.store.cond:
+            if not self.store.cond.wait_for(lambda: key in self.store.values, timeout_ms / 1000):
+                raise RuntimeError(f"DEADLINE_EXCEEDED: {key}")
+            return self.store.values[key]
+
+    def _wait_at_barrier(self, barrier_id: str, timeout_ms: int) -> None:
+        with self.store.cond:
+            if self.store.arrived.get(barrier_id, 0) >= self.store.count:
+                raise RuntimeError(f"barrier {barrier_id} was already passed")
+            self.store.arrived[barrier_id] = self.store.arrived.get(barrier_id, 0) + 1
+            self.store.cond.notify_all()
+            if not self.store.cond.wait_for(
+                lambda: self.store.arrived[barrier_id] >= self.store.count, timeout_ms / 1000
+            ):
+                raise RuntimeError(f"DEADLINE_EXCEEDED: {barrier_id}")
+
+
+def _fit_twice(coordinator: _ThreadCoordinator, results: dict) -> None:
+    seen = []
+    for value in ("first", "second"):  # the same names in both fits
+        coordinator.begin(5.0)
+        seen.append(coordinator.broadcast("restore-point", value, 5.0))
+        coordinator.barrier("restored", 5.0)
+    results[coordinator.process_index] = seen
+
+
+def test_names_are_unique_per_fit_so_a_second_fit_works() -> None:
+    store, results = _Store(2), {}
+    threads = [
+        threading.Thread(target=_fit_twice, args=(_ThreadCoordinator(store, i), results))
+        for i in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == {0: ["first", "second"], 1: ["first", "second"]}
+    generations = {key.split("/")[1] for key in store.values}
+    assert len(generations) == 2, sorted(store.values)
+
+
+def test_a_process_that_does_not_begin_the_same_fit_is_named() -> None:
+    store = _Store(2)
+    coordinator = _ThreadCoordinator(store, 0)
+    with pytest.raises(errors.BarrierTimeoutError, match="Worker 1 did not begin fit number"):
+        coordinator.begin(0.2)
 
 
 def test_strategies_imports_as_ft_strategies() -> None:
