@@ -1,7 +1,8 @@
 """How long a preemption takes at 25M parameters: from SIGTERM to the process's exit.
 
     KERAS_BACKEND=jax python benchmarks/preemption_save.py --backup-dir /tmp/p
-    KERAS_BACKEND=tensorflow python -m ft.launch -n 2 benchmarks/preemption_save.py --backup-dir /tmp/p
+    KERAS_BACKEND=tensorflow python -m ft.launch -n 2 \
+        benchmarks/preemption_save.py --backup-dir /tmp/q
 
 A 25M-parameter MLP with Adam (300 MB of state) trains with
 `save_before_preemption=True`; worker 0 sends itself SIGTERM after step 3. Each
@@ -77,8 +78,7 @@ def main() -> None:
             signal.signal(signal.SIGTERM, both)
 
     atexit.register(
-        lambda: start
-        and print(f"SIGTERM to exit: {time.monotonic() - start[0]:.2f} s", flush=True)
+        lambda: start and print(f"SIGTERM to exit: {time.monotonic() - start[0]:.2f} s", flush=True)
     )
     callbacks = [
         ft.BackupAndRestore(args.backup_dir, save_freq=False, save_before_preemption=True),
