@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ft.strategies import cluster_env
 from ft.strategies.base import (
     DEFAULT_TIMEOUT,
     ClusterSpec,
@@ -46,16 +47,36 @@ def auto(
 
     Call on every process, before building the model.
 
-    - TensorFlow with a multi-worker `TF_CONFIG` (as `python -m ft.launch` and
-      cluster managers set it): a `tf.distribute.MultiWorkerMirroredStrategy`
-      on which Keras 3 `fit` works. On one process, the default strategy.
-    - JAX: `jax.distributed` is initialized from `TF_CONFIG` (worker 0 is the
-      coordinator) or JAX's own cluster detection, every process is seeded
-      identically, and a Keras distribution is returned and set globally:
-      `DataParallel` over all devices, or `ModelParallel(layout_map)`. Each
-      process feeds its own share of the data; `batch_size` is per process.
-      Call `ft.strategies.initialize()` first to build a `layout_map` on the
+    The cluster comes from the first of these that is set: `TF_CONFIG`
+    (`python -m ft.launch`, a Kubeflow TFJob); Kubeflow JAXJob's
+    `COORDINATOR_ADDRESS`/`COORDINATOR_PORT`/`NUM_PROCESSES`/`PROCESS_ID`;
+    Kubeflow Trainer's `JAX_COORDINATOR_ADDRESS`/`JAX_COORDINATOR_PORT`/
+    `JAX_NUM_PROCESSES`/`JAX_PROCESS_ID`; Keras's
+    `KERAS_DISTRIBUTION_JOB_ADDRESSES`/`_NUM_PROCESSES`/`_PROCESS_ID`; SLURM
+    (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_STEP_NODELIST`, from `srun`); GKE
+    TPU (`TPU_WORKER_ID`, `TPU_WORKER_HOSTNAMES`). Process 0 is the chief on
+    both engines. None of them (or one process): a single-process run. How
+    TensorFlow's worker ports are derived: `strategies/cluster_env.py` and
+    docs/clusters.md.
+
+    - TensorFlow with a multi-process cluster: a
+      `tf.distribute.MultiWorkerMirroredStrategy` on which Keras 3 `fit`
+      works. On one process, the default strategy.
+    - JAX: `jax.distributed` is initialized for the cluster (process 0 is
+      the coordinator; on SLURM and GKE TPU by JAX's own detection, checked
+      against the variables), every process is seeded identically, and a
+      Keras distribution is returned and set globally: `DataParallel` over
+      all devices, or `ModelParallel(layout_map)`. Each process feeds its own
+      share of the data; `batch_size` is per process. Call
+      `ft.strategies.initialize()` first to build a `layout_map` on the
       global devices.
+
+    Raises:
+        ft.errors.UnsupportedConfigurationError: when the description found
+            is incomplete (`NUM_PROCESSES` without `PROCESS_ID`, ...) or
+            inconsistent (an index out of range, two environments that
+            disagree about the number of processes), and under TensorFlow
+            when only the coordinator's address is known across hosts.
 
     Args:
         heartbeat_timeout: Seconds after which a silent peer is declared dead.
@@ -74,7 +95,7 @@ def auto(
     import keras
 
     backend = keras.backend.backend()
-    cluster = cluster_from_tf_config()
+    cluster = cluster_env.detect()
     if backend == "tensorflow":
         if cluster is not None:
             from ft.strategies import tensorflow as tf_adapter
@@ -111,7 +132,7 @@ def initialize(heartbeat_timeout: float | None = None) -> None:
     from ft.strategies import jax_multihost
 
     jax_multihost.initialize(
-        cluster_from_tf_config(),
+        cluster_env.detect(),
         heartbeat_timeout=heartbeat_timeout or jax_multihost.DEFAULT_HEARTBEAT_TIMEOUT,
     )
 

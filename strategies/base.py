@@ -222,24 +222,31 @@ class DefaultScope:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """This process's place in a cluster described by `TF_CONFIG`.
+    """This process's place in a cluster, from `TF_CONFIG` or another environment.
 
     A `chief` task, when present, is process 0 and the workers follow it; an
-    `evaluator` takes no part in training.
+    `evaluator` takes no part in training. `strategies.cluster_env` parses the
+    other environments (Kubeflow, Keras, SLURM, GKE TPU).
     """
 
-    addresses: tuple[str, ...]  # training processes in process-index order
+    # host:port of each training process in process-index order (TensorFlow's
+    # servers); empty where the environment names only the JAX coordinator.
+    addresses: tuple[str, ...]
     task_type: str
     task_index: int
     process_index: int
+    source: str = "TF_CONFIG"  # the environment it was read from
+    process_count: int = 0  # where `addresses` is empty
+    coordinator: str = ""  # JAX's coordinator; defaults to the first address
+    jax_detects: bool = False  # jax.distributed.initialize() finds it by itself
 
     @property
     def num_processes(self) -> int:
-        return len(self.addresses)
+        return len(self.addresses) or self.process_count
 
     @property
     def coordinator_address(self) -> str:
-        return self.addresses[0]
+        return self.coordinator or self.addresses[0]
 
 
 def cluster_from_tf_config(environ: dict[str, str] | None = None) -> ClusterSpec | None:

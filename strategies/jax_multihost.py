@@ -1,4 +1,4 @@
-"""JAX multi-host: `jax.distributed` from TF_CONFIG, a Keras distribution, and a coordinator.
+"""JAX multi-host: `jax.distributed` for the cluster, a Keras distribution, a coordinator.
 
 Call `initialize()` (or `ft.strategies.auto()`) on every process before any
 other JAX call. Barriers and broadcasts go through the `jax.distributed`
@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Any
 
+from ft import errors
 from ft.strategies.base import ClusterSpec, KeyValueCoordinator
 
 logger = logging.getLogger("ft")
@@ -26,9 +27,12 @@ def initialize(
 ) -> None:
     """Start `jax.distributed` once per process. Call on all processes, first.
 
-    With a multi-process TF_CONFIG, worker 0's address is the coordinator;
-    without one, JAX's own cluster detection runs where its environment is set
-    (SLURM, Open MPI, JAX_COORDINATOR_ADDRESS); otherwise this is one process.
+    `cluster` comes from `cluster_env.detect()`. Where JAX detects that
+    cluster by itself (SLURM, GKE TPU), `jax.distributed.initialize()` runs
+    without arguments and the result is checked against `cluster`; otherwise
+    the coordinator (process 0's address), the count and the index are passed.
+    Without a cluster, JAX's own detection runs where its environment is set
+    (Open MPI, JAX_COORDINATOR_ADDRESS); otherwise this is one process.
     """
     import jax
 
@@ -39,7 +43,19 @@ def initialize(
         shutdown_timeout_seconds=int(DEFAULT_SHUTDOWN_TIMEOUT),
         initialization_timeout=300,
     )
-    if cluster is not None:
+    if cluster is not None and cluster.jax_detects:
+        # SLURM, GKE TPU: JAX's own detection (coordinator port, TPU slices, local devices).
+        jax.distributed.initialize(**timeouts)  # type: ignore[arg-type]
+        seen = (int(jax.process_index()), int(jax.process_count()))
+        if seen != (cluster.process_index, cluster.num_processes):
+            raise errors.UnsupportedConfigurationError(
+                f"JAX's own detection of the {cluster.source} cluster made this process "
+                f"{seen[0]} of {seen[1]}, but its variables say process "
+                f"{cluster.process_index} of {cluster.num_processes}: the chief would not be "
+                "the same process on both engines. Check the job's environment "
+                "(docs/clusters.md)."
+            )
+    elif cluster is not None:
         jax.distributed.initialize(
             coordinator_address=cluster.coordinator_address,
             num_processes=cluster.num_processes,

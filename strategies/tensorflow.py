@@ -1,4 +1,4 @@
-"""tf.distribute multi-worker: a MultiWorkerMirroredStrategy from TF_CONFIG, and its coordinator.
+"""tf.distribute multi-worker: a MultiWorkerMirroredStrategy for the cluster, and its coordinator.
 
 Call `multi_worker_strategy()` on every worker, before building the model.
 Barriers and small broadcasts go through TensorFlow's coordination service
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ft import errors
 from ft.strategies.base import DEFAULT_TIMEOUT, ClusterSpec, KeyValueCoordinator
 
 logger = logging.getLogger("ft")
@@ -22,10 +23,11 @@ def multi_worker_strategy(
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
     collective_timeout: float = DEFAULT_TIMEOUT,
 ) -> Any:
-    """A MultiWorkerMirroredStrategy for the cluster in TF_CONFIG. Call on all workers.
+    """A MultiWorkerMirroredStrategy for `cluster`. Call on all workers.
 
     Args:
-        cluster: Parsed TF_CONFIG (`base.cluster_from_tf_config`).
+        cluster: The cluster, from `cluster_env.detect()`: TF_CONFIG, or another
+            environment that names every worker's address.
         heartbeat_timeout: Seconds after which the coordination service declares
             a silent worker dead, so survivors fail instead of hanging.
         collective_timeout: Seconds a single collective may wait before it
@@ -38,8 +40,8 @@ def multi_worker_strategy(
 
     from ft.strategies import keras_mwms_patch
 
+    resolver = _resolver(cluster)
     if context.context().coordination_service is None:
-        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         spec = resolver.cluster_spec()
         jobs = [
             coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
@@ -54,10 +56,35 @@ def multi_worker_strategy(
             shutdown_barrier_timeout_in_ms=int(heartbeat_timeout * 1000),
         )
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=collective_timeout)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver, communication_options=options
+    )
     if keras_mwms_patch.apply():
         logger.debug("patched Keras fit for MultiWorkerMirroredStrategy (keras#20585)")
     return strategy
+
+
+def _resolver(cluster: ClusterSpec) -> Any:
+    """TF_CONFIG's own resolver, or one worker job with an address per process."""
+    if cluster.source != "TF_CONFIG" and len(cluster.addresses) != cluster.num_processes:
+        raise errors.UnsupportedConfigurationError(
+            f"The {cluster.source} variables name only the JAX coordinator "
+            f"({cluster.coordinator_address}) on another host, and TensorFlow's "
+            f"MultiWorkerMirroredStrategy needs the address of each of the "
+            f"{cluster.num_processes} workers. Run TensorFlow jobs from an environment that "
+            "names every worker: TF_CONFIG (a Kubeflow TFJob), "
+            "KERAS_DISTRIBUTION_JOB_ADDRESSES with one address per process, or SLURM."
+        )
+    import tensorflow as tf
+
+    if cluster.source == "TF_CONFIG":
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    return tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": list(cluster.addresses)}),
+        task_type="worker",
+        task_id=cluster.process_index,
+        rpc_layer="grpc",
+    )
 
 
 def is_multi_worker(strategy: Any) -> bool:
