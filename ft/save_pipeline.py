@@ -16,6 +16,7 @@ next `submit`, `wait` or `raise_error`, once.
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -54,8 +55,8 @@ class SavePipeline:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._what = ""
-        #: Per committed save: step, seconds to host, seconds to write and commit.
-        self.history: list[dict[str, float]] = []
+        #: The last 100 commits: step, seconds to host, seconds to write and commit.
+        self.history: collections.deque[dict[str, float]] = collections.deque(maxlen=100)
 
     def busy(self) -> bool:
         """True while a save is in flight."""
