@@ -7,6 +7,7 @@ backends (or a GPU's code path on the CPU) run in processes of their own.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -60,6 +61,39 @@ def test_snapshot_is_a_copy_not_a_view() -> None:
         np.testing.assert_array_equal(a, b)
     after = [np.array(keras.ops.convert_to_numpy(v)) for v in variables["model"]]
     assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the device path is JAX's")
+def test_without_room_on_the_device_the_snapshot_copies_to_host_and_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ft import snapshot
+
+    def no_room() -> Any:
+        def copy(values: list[Any]) -> list[Any]:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+
+        return copy
+
+    monkeypatch.setattr(snapshot, "_on_accelerator", lambda values: True)
+    monkeypatch.setattr(snapshot, "_copy_all", no_room)
+    model = make_model()
+    model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
+    variables = {"model": list(model.trainable_variables), "optimizer": [], "metrics": []}
+    expected = [np.array(keras.ops.convert_to_numpy(v)) for v in variables["model"]]
+    snapshotter = Snapshotter()
+    ft_logger = logging.getLogger("ft")
+    ft_logger.addHandler(caplog.handler)  # ft's logger does not propagate to the root
+    try:
+        first = snapshotter.take(variables)
+        snapshotter.take(variables)
+    finally:
+        ft_logger.removeHandler(caplog.handler)
+    assert snapshotter.last_where == "host-chunked"
+    for a, b in zip(expected, first.host()["model"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    said = [r for r in caplog.records if "no room for a second copy" in r.getMessage()]
+    assert len(said) == 1
 
 
 def test_saves_due_while_one_is_in_flight_move_and_training_goes_on(
