@@ -15,7 +15,6 @@ import numpy as np
 
 import ft.strategies as strategies
 from ft import (
-    dir_lock,
     errors,
     fit_exit,
     fit_loop,
@@ -25,10 +24,10 @@ from ft import (
     save_pipeline,
     training_state,
 )
-from ft.checkpoint_store import CheckpointStore
 from ft.log import get_logger
 from ft.metadata import BackupRecord
 from ft.snapshot import Snapshotter
+from ft.store import BackupStore, open_store
 
 logger = get_logger()
 
@@ -164,6 +163,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.save_freq = save_freq
         self.double_checkpoint: bool = bool(double_checkpoint)
         self.max_to_keep: int = _checked_max_to_keep(max_to_keep)
+        keep = max(self.max_to_keep, 2) if self.double_checkpoint else self.max_to_keep
+        # Refuses a backup_dir no store supports (gs://, s3:// for now), before any work.
+        self._store: BackupStore = open_store(self.backup_dir, max_to_keep=keep)
         self.delete_checkpoint: bool = bool(delete_checkpoint)
         self.save_before_preemption: bool = bool(save_before_preemption)
         if not isinstance(timeout, numbers.Real) or not 0 < timeout < float("inf"):
@@ -188,8 +190,6 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._fit_exit: fit_exit.FitExit | None = None
         self._preempted: bool = False
         self.restored: dict[str, Any] | None = None
-        keep = max(self.max_to_keep, 2) if self.double_checkpoint else self.max_to_keep
-        self._store: CheckpointStore = CheckpointStore(self.backup_dir, max_to_keep=keep)
         self._epoch_iterator: Any = None
         self._step: int = 0
         self._last_saved_step: int = 0
@@ -312,7 +312,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._coordinator.is_chief:
             if self.delete_checkpoint and not self._preempted:
                 self._store.delete()
-            dir_lock.release(self._store.directory)
+            self._store.unlock()
         kept = f"the backup of step {self._last_saved_step} is kept for the restart"
         if keep:
             kept = f"kept the final state (step {self._step}) in {self._store.directory}"
@@ -371,7 +371,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._coordinator.is_chief:
             try:
                 self._store.prepare()
-                dir_lock.acquire(self._store.directory)
+                self._store.lock()
                 self._store.remove_partial()
                 found = self._store.latest(read_all=self._coordinator.num_processes > 1)
                 decision = json.dumps({"path": found[0] if found else None})

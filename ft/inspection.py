@@ -9,7 +9,6 @@ there is none.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import sys
@@ -18,32 +17,29 @@ from typing import Any
 
 from ft import __version__ as ft_version
 from ft import errors
-from ft.checkpoint_store import TMP_PREFIX, TRASH_PREFIX, CheckpointStore
-from ft.dir_lock import LOCK_NAME
+from ft.store import BackupStore, open_store
 
-EXIT_INTACT, EXIT_DAMAGED, EXIT_NO_BACKUP = 0, 1, 3
+EXIT_INTACT, EXIT_DAMAGED, EXIT_USAGE, EXIT_NO_BACKUP = 0, 1, 2, 3
 
 
 def describe(backup_dir: str) -> dict[str, Any]:
     """Everything `inspect` reports about `backup_dir`, as a JSON-ready dict."""
-    store = CheckpointStore(backup_dir)
+    store = open_store(backup_dir)
     backups = [_entry(store, path) for path in store.committed()]
     moved_aside = [_entry(store, path) for path in store.damaged()]
-    names = sorted(os.listdir(store.directory)) if os.path.isdir(store.directory) else []
-    leftovers = [n for n in names if n.startswith((TMP_PREFIX, TRASH_PREFIX))]
     store.close()
     return {
         "backup_dir": store.directory,
-        "exists": os.path.isdir(store.directory),
+        "exists": store.exists(),
         "backups": backups,
         "moved_aside": moved_aside,
-        "leftovers": leftovers,
-        "live_run": _live_run(store.directory),
+        "leftovers": store.leftovers(),
+        "live_run": store.live_run(),
         "ok": bool(backups) and all(b["intact"] for b in backups),
     }
 
 
-def _entry(store: CheckpointStore, path: str) -> dict[str, Any]:
+def _entry(store: BackupStore, path: str) -> dict[str, Any]:
     """What one backup directory holds, and whether every file is intact."""
     entry: dict[str, Any] = {"path": path, "name": os.path.basename(path)}
     try:
@@ -64,23 +60,6 @@ def _entry(store: CheckpointStore, path: str) -> dict[str, Any]:
     except errors.CheckpointCorruptedError as e:
         entry.update(intact=False, problem=str(e))
     return entry
-
-
-def _live_run(directory: str) -> str | None:
-    """Who holds the run lock, or None when no live run does."""
-    path = os.path.join(directory, LOCK_NAME)
-    if not os.path.exists(path):
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
 
 
 def _size(n: int) -> str:
@@ -142,13 +121,18 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ft inspect") 
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Show what the backups in BACKUP_DIR hold and verify every file.",
-        epilog="Exit codes: 0 intact, 1 a backup is damaged, 3 no committed backup.",
+        epilog="Exit codes: 0 intact, 1 a backup is damaged, 2 usage or unsupported "
+        "BACKUP_DIR, 3 no committed backup.",
     )
     parser.add_argument("backup_dir")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead")
     parser.add_argument("--version", action="version", version=f"ft {ft_version}")
     args = parser.parse_args(argv)
-    report = describe(args.backup_dir)
+    try:
+        report = describe(args.backup_dir)
+    except errors.UnsupportedConfigurationError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_USAGE
     print(json.dumps(report, indent=1) if args.json else render(report))
     if not report["backups"]:
         return EXIT_NO_BACKUP

@@ -203,7 +203,7 @@ def test_second_live_run_on_same_backup_dir_is_refused(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys, time; from ft import dir_lock; dir_lock.acquire(sys.argv[1]); "
+            "import sys, time; from ft.store import posix_lock; posix_lock.acquire(sys.argv[1]); "
             "print('held', flush=True); time.sleep(60)",
             str(tmp_path),
         ],

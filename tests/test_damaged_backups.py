@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -15,8 +18,9 @@ import pytest
 
 import ft
 from ft import errors
-from ft.checkpoint_store import CheckpointStore
 from ft.metadata import BackupRecord
+from ft.store.posix import PosixStore as CheckpointStore
+from tests.helpers import ROOT
 from tests.test_backup_and_restore import X, Y, interrupted_fit, make_model
 
 
@@ -181,3 +185,27 @@ def test_a_flipped_byte_anywhere_in_an_array_file_is_never_loaded(tmp_path: Path
         victim.write_bytes(original)
     assert detected > 0
     store.close()
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/run-1", "gs://bucket/run-1", "GS://b/x"])
+def test_bucket_backup_dir_is_refused_until_its_store_exists(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(errors.UnsupportedConfigurationError, match="URL") as info:
+        ft.BackupAndRestore(url)
+    assert isinstance(info.value, ValueError) and url in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # no local folder named "s3:" or "gs:"
+
+
+def test_inspect_refuses_a_bucket_url_with_exit_code_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ft", "inspect", "s3://bucket/run-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "s3:// URL" in proc.stderr and list(tmp_path.iterdir()) == []

@@ -102,7 +102,7 @@ def test_live_run_is_reported(backup_dir: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys, time; from ft import dir_lock; dir_lock.acquire(sys.argv[1]); "
+            "import sys, time; from ft.store import posix_lock; posix_lock.acquire(sys.argv[1]); "
             "print('held', flush=True); time.sleep(60)",
             str(backup_dir),
         ],

@@ -1,4 +1,4 @@
-"""One live training run per `backup_dir`: an advisory lock held for the whole run.
+"""One live training run per POSIX `backup_dir`: an `flock` held for the whole run.
 
 Primary process only. The lock is an `flock` on `backup_dir/.ft-lock`: the
 kernel drops it when the holder dies, SIGKILL included, so a crashed run never
@@ -47,3 +47,36 @@ def release(directory: str) -> None:
     fd = _held.pop(path, None)
     if fd is not None:
         os.close(fd)
+
+
+def holder(directory: str) -> str | None:
+    """Who holds the lock of `directory`, or None when no live run does. Reads only."""
+    path = os.path.join(directory, LOCK_NAME)
+    if not os.path.exists(path):
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class FlockLock:
+    """The `base.RunLock` of a POSIX `backup_dir`. Primary process only."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def acquire(self) -> None:
+        acquire(self.directory)
+
+    def release(self) -> None:
+        release(self.directory)
+
+    def holder(self) -> str | None:
+        return holder(self.directory)
