@@ -219,6 +219,8 @@ def main() -> None:
         "seen": recorder.seen,
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "backup_dir_exists": bool(args.backup_dir) and os.path.exists(args.backup_dir),
+        # the processes this one trained with, as ft's callback saw them
+        "num_processes": backup._coordinator.num_processes if backup else None,
     }
     kernel = model.layers[0].kernel
     if hasattr(kernel.value, "sharding"):
