@@ -14,7 +14,8 @@ TensorFlow's MultiWorkerMirroredStrategy needs one `host:port` per process:
   BASE is the port JAX picks for its SLURM coordinator, `61440 + SLURM_JOB_ID %
   4096` (`JAX_COORDINATOR_PORT` replaces it), so two jobs sharing a node do
   not collide and every task computes the same addresses.
-- GKE TPU: host `i` of `TPU_WORKER_HOSTNAMES` listens on port 8476.
+- GKE TPU: refused under TensorFlow (TPUs need TPUStrategy); the spec lists
+  the hosts with port 8476 only to count them.
 - Keras: the addresses of `KERAS_DISTRIBUTION_JOB_ADDRESSES`, one per process.
 - Where only a coordinator is named (Kubeflow's JAX variables, Keras with one
   address): process `i` listens on the coordinator's host, port + `i`, when
@@ -32,7 +33,7 @@ from typing import NoReturn
 from ft import errors
 from ft.strategies.base import ClusterSpec, cluster_from_tf_config
 
-# The port TensorFlow's workers use on GKE TPU hosts (JAX's TPU coordinator uses 8482).
+# The port in a GKE TPU spec's addresses (JAX's own TPU coordinator uses 8482).
 TPU_TF_PORT = 8476
 _LOOPBACK = re.compile(r"^(localhost|127\.\d+\.\d+\.\d+|\[?::1\]?)$")
 

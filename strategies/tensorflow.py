@@ -66,6 +66,13 @@ def multi_worker_strategy(
 
 def _resolver(cluster: ClusterSpec) -> Any:
     """TF_CONFIG's own resolver, or one worker job with an address per process."""
+    if cluster.source == "GKE TPU":
+        raise errors.UnsupportedConfigurationError(
+            "TPU_WORKER_ID and TPU_WORKER_HOSTNAMES describe a GKE TPU slice, and KERAS_BACKEND "
+            "is tensorflow: training on TPUs under TensorFlow needs TPUStrategy, which ft does "
+            "not provide (MultiWorkerMirroredStrategy would train on the hosts' CPUs). Use "
+            "KERAS_BACKEND=jax on TPUs."
+        )
     if cluster.source != "TF_CONFIG" and len(cluster.addresses) != cluster.num_processes:
         raise errors.UnsupportedConfigurationError(
             f"The {cluster.source} variables name only the JAX coordinator "

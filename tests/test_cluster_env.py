@@ -211,3 +211,12 @@ def test_tensorflow_refuses_a_coordinator_only_cluster_across_hosts() -> None:
         Bad, match=r"name only the JAX coordinator \(job-worker-0:6666\).*TF_CONFIG"
     ):
         tf_adapter._resolver(spec)
+
+
+def test_tensorflow_refuses_a_tpu_slice() -> None:
+    from ft.strategies import tensorflow as tf_adapter
+
+    spec = detect({"TPU_WORKER_ID": "0", "TPU_WORKER_HOSTNAMES": "t0,t1"})
+    assert spec is not None
+    with pytest.raises(Bad, match=r"TPUStrategy.*KERAS_BACKEND=jax"):
+        tf_adapter._resolver(spec)
