@@ -24,6 +24,7 @@ from ft import (
     save_pipeline,
     training_state,
 )
+from ft.input_state import InputState
 from ft.log import get_logger
 from ft.metadata import BackupRecord
 from ft.snapshot import Snapshotter
@@ -52,8 +53,10 @@ class BackupAndRestore(keras.callbacks.Callback):
     The training state is every model variable (trainable or not: BatchNorm
     statistics, seed generator states), every optimizer variable including
     `iterations`, the metric accumulators, the epoch, the batch within the
-    epoch, the global step and NumPy's global random state at the start of the
-    epoch (which orders shuffled NumPy input on the JAX backend). Arrays are
+    epoch, the global step, and what orders the remaining batches: the host
+    random state (NumPy's, Python's `random`, Keras's global seed generator)
+    when the input iterator started, and how often the input was started over
+    (see docs/resumption.md for each kind of input). Arrays are
     stored with Orbax; a backup is committed atomically, after every file is
     fsynced, and the previous one is removed only afterwards, so a crash at any
     moment leaves a complete backup.
@@ -197,7 +200,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._batch: int = 0
         self._resume: BackupRecord | None = None
         self._pending_metrics: list[np.ndarray] | None = None
-        self._epoch_rng: dict[str, Any] | None = None
+        self._input: InputState | None = None
 
     # ------------------------------------------------------------- fit hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -211,7 +214,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._coordinator = strategies.coordinator_for(model)
         self._coordinator.begin(self.timeout)  # names unique to this fit
         log.set_process_index(self._coordinator.process_index)
-        self._epoch_iterator = fit_loop.find_epoch_iterator(model)
+        self._epoch_iterator = fit_loop.require_epoch_iterator(model)
+        self._input = InputState(self._epoch_iterator)
         self._step = self._last_saved_step = self._batch = 0
         self._resume = None
         self._pending_metrics = None
@@ -244,28 +248,21 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._epoch, self._batch = epoch, 0
         resume, self._resume = self._resume, None
         model._initial_epoch = None  # honoured once, by this fit only
+        assert self._input is not None
         if resume is not None and resume.epoch == epoch:
-            if resume.rng is not None:
-                training_state.set_numpy_rng(resume.rng)
             if self._pending_metrics is not None:
                 training_state.assign(model.metrics_variables, self._pending_metrics)
-            if resume.batch or resume.data_position:
-                if self._epoch_iterator is None:
-                    logger.warning(
-                        "Resuming epoch %d at batch 0, not batch %d: this Keras "
-                        "version's fit loop could not be hooked.",
-                        epoch,
-                        resume.batch,
-                    )
-                else:
-                    fit_loop.start_next_epoch_at(
-                        self._epoch_iterator, resume.batch, resume.data_position
-                    )
-                    self._batch = resume.batch
+            self._batch = self._input.resume_epoch(resume)
         self._pending_metrics = None
-        self._epoch_rng = training_state.numpy_rng()
+        self._input.epoch_begins()
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        assert self._input is not None
+        self._input.batch_begins(batch)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        assert self._input is not None
+        self._input.batch_ended()
         done = batch + 1
         self._step += max(done - self._batch, 0)
         self._batch = done
@@ -475,20 +472,25 @@ class BackupAndRestore(keras.callbacks.Callback):
     def _record(
         self, epoch: int, batch: int, at_epoch_end: bool, variables: dict[str, list[Any]]
     ) -> BackupRecord:
+        assert self._input is not None
+        position, rng, input_iteration = self._input.where(at_epoch_end)
         return BackupRecord(
             epoch=epoch,
             batch=batch,
             step=self._step,
-            data_position=fit_loop.data_position(self._epoch_iterator, at_epoch_end),
+            data_position=position,
             backend=keras.backend.backend(),
             num_processes=self._coordinator.num_processes,
             written_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
             variables=training_state.manifest_to_json(training_state.manifest(variables)),
-            rng=training_state.numpy_rng() if at_epoch_end else self._epoch_rng,
+            rng=rng,
+            input_iteration=input_iteration,
         )
 
     def _restore(self, path: str, record: BackupRecord) -> None:
         model = self.model
+        assert self._input is not None
+        record = self._input.settle(record)
         fit_loop.ensure_built(model, self._epoch_iterator)
         variables = training_state.live_variables(model)
         live = training_state.manifest(variables)

@@ -75,3 +75,11 @@ class InjectedFaultError(FTError, RuntimeError):
 
 class SaveTimeoutError(FTError, TimeoutError):
     """A backup being written in the background did not commit within `timeout`."""
+
+
+class IncompatibleKerasError(FTError, RuntimeError):
+    """The installed Keras no longer behaves as ft's mid-epoch resume relies on.
+
+    Raised instead of resuming at the wrong batch. The message names the
+    installed Keras version and what was found.
+    """

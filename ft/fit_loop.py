@@ -11,19 +11,52 @@ of the running `fit` and, for the resumed epoch only, draws the batches that
 were already trained from the input without training on them, so the loop,
 the callbacks and the progress bar see the true batch index from there on.
 
-The mid-epoch resume relies on Keras internals (`fit`'s local `epoch_iterator`, and
-`EpochIterator._enumerate_iterator`, `_steps_seen`, `_current_iterator`).
-`tests/test_fit_loop.py` fails the day Keras changes them; until then, if the
-iterator cannot be found ft warns and resumes at the start of the epoch.
+The mid-epoch resume relies on Keras internals (`fit`'s local `epoch_iterator`,
+and `EpochIterator._enumerate_iterator`, `_get_iterator`, `_steps_seen`,
+`_current_iterator`, `_num_batches`). They are checked at run time: a missing
+one, a skip that did not draw the batches it meant to, or a resumed epoch
+that does not start at the saved batch raises `IncompatibleKerasError` naming
+the installed Keras version, never a silent replay. `tests/test_fit_loop.py`
+drives a real `fit` on both backends to see such a change first.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ft import errors
+
+# What ft reads or replaces on Keras's EpochIterator.
+ITERATOR_ATTRIBUTES = (
+    "_enumerate_iterator",
+    "_get_iterator",
+    "_steps_seen",
+    "_current_iterator",
+    "_num_batches",
+    "steps_per_epoch",
+    "steps_per_execution",
+    "num_batches",
+    "data_adapter",
+)
+
+
+def keras_version() -> str:
+    import keras
+
+    return str(keras.version())
+
+
+def incompatible(what: str) -> errors.IncompatibleKerasError:
+    """The error for a Keras internal that no longer behaves as ft relies on."""
+    return errors.IncompatibleKerasError(
+        f"Keras {keras_version()} changed an internal that ft's mid-epoch resume relies "
+        f"on: {what}. Resuming would train on the wrong batches, so ft stops instead. "
+        "Install a Keras version ft supports (see ft's pyproject.toml) or use "
+        'save_freq="epoch" with a fresh backup_dir, and report this at ft\'s issue tracker.'
+    )
 
 
 def find_epoch_iterator(model: Any) -> Any | None:
@@ -41,6 +74,69 @@ def find_epoch_iterator(model: Any) -> Any | None:
                 return candidate
         frame = frame.f_back  # type: ignore[assignment]
     return None
+
+
+def require_epoch_iterator(model: Any) -> Any:
+    """`find_epoch_iterator`, checked: raises `IncompatibleKerasError` when it is not there.
+
+    Call from `on_train_begin`. Without the iterator ft can neither resume
+    mid-epoch nor know where the input stands, so it fails before training.
+    """
+    found = find_epoch_iterator(model)
+    if found is None:
+        raise incompatible("`Model.fit` has no local `epoch_iterator` of type `EpochIterator`")
+    missing = [name for name in ITERATOR_ATTRIBUTES if not hasattr(found, name)]
+    if missing:
+        raise incompatible(f"`EpochIterator` has no {', '.join(missing)}")
+    return found
+
+
+def watch_new_iterators(epoch_iterator: Any, on_start: Callable[[bool], None]) -> None:
+    """Call `on_start(lazy)` each time `fit` starts iterating its input anew.
+
+    The TensorFlow trainer iterates a `tf.data` dataset as soon as Keras
+    creates the iterator (`lazy=False`); the JAX trainer gets a generator that
+    starts at its first `next` (`lazy=True`), and Keras discards unstarted
+    ones, so those are not counted.
+    """
+    original = epoch_iterator._get_iterator
+
+    def get_iterator() -> Any:
+        source = original()
+        if inspect.isgenerator(source):
+            return _started_by(source, on_start)
+        on_start(False)
+        return source
+
+    epoch_iterator._get_iterator = get_iterator
+
+
+def _started_by(source: Iterator[Any], on_start: Callable[[bool], None]) -> Iterator[Any]:
+    on_start(True)
+    yield from source
+
+
+def restarts_after_this_step(epoch_iterator: Any) -> bool:
+    """Whether Keras creates a new input iterator when the epoch's loop ends after
+    the step that just ran (it does when the input's length is known and spent)."""
+    return bool(
+        epoch_iterator._current_iterator is not None
+        and epoch_iterator._num_batches
+        and epoch_iterator._steps_seen >= epoch_iterator._num_batches
+    )
+
+
+def iterator_starts_this_epoch(epoch_iterator: Any) -> bool:
+    """Whether the epoch about to begin draws from a new input iterator.
+
+    Call from `on_epoch_begin`. Keras keeps one iterator across epochs only
+    with `steps_per_epoch`, until the input is exhausted.
+    """
+    return (
+        epoch_iterator.steps_per_epoch is None
+        or epoch_iterator._current_iterator is None
+        or epoch_iterator._steps_seen == 0
+    )
 
 
 def data_position(epoch_iterator: Any, at_epoch_end: bool) -> int:
@@ -64,32 +160,95 @@ def data_position(epoch_iterator: Any, at_epoch_end: bool) -> int:
     return int(epoch_iterator._steps_seen)
 
 
-def start_next_epoch_at(epoch_iterator: Any, batch: int, position: int) -> None:
+def start_next_epoch_at(
+    epoch_iterator: Any,
+    batch: int,
+    position: int,
+    before_new_iterator: Callable[[], None] | None = None,
+) -> None:
     """Make the next epoch of `epoch_iterator` start at `batch`.
 
     Draws `position` batches from a fresh input iterator and discards them,
-    then yields steps from `batch` on; later epochs are untouched.
+    then yields steps from `batch` on; later epochs are untouched. Calls
+    `before_new_iterator()` first (to bring the input to the same
+    iteration as the backed-up run). Checks that Keras yielded exactly the
+    steps it skipped and raises `IncompatibleKerasError` otherwise.
     """
-    original = epoch_iterator._enumerate_iterator
-    if batch == 0 and position == 0:
+    if batch == 0 and position == 0 and before_new_iterator is None:
         return
+    original = epoch_iterator._enumerate_iterator
 
     def resumed() -> Iterator[tuple[int, int, Any]]:
-        try:
-            first = True
-            for begin, end, iterator in original():
-                if first:
-                    first = False
+        # This epoch only, even if fit never exhausts this generator.
+        epoch_iterator.__dict__.pop("_enumerate_iterator", None)
+        if before_new_iterator is not None:
+            before_new_iterator()
+        drawn = 0
+        expected_step = 0
+        landed = False
+        for begin, end, iterator in original():
+            if begin != expected_step:
+                raise incompatible(
+                    f"the epoch's steps are not consecutive from 0: got step {begin} where "
+                    f"step {expected_step} was expected"
+                )
+            expected_step = end + 1
+            if not landed:
+                if begin == 0 and position > batch:
+                    # The iterator is kept across epochs: it is `position - batch`
+                    # batches ahead of this epoch's start.
                     _discard(iterator, position - batch, batch)
-                    epoch_iterator._steps_seen += max(position - batch, 0)
+                    drawn += position - batch
+                    epoch_iterator._steps_seen += position - batch
                 if begin < batch:
                     _discard(iterator, end - begin + 1, batch)
+                    drawn += end - begin + 1
                     continue
-                yield begin, end, iterator
-        finally:
-            epoch_iterator.__dict__.pop("_enumerate_iterator", None)
+                _check_landing(epoch_iterator, begin, end, batch, position, drawn)
+                landed = True
+            yield begin, end, iterator
+        if not landed and batch:
+            raise errors.UnsupportedConfigurationError(
+                f"The input ended before batch {batch} of the resumed epoch. Resume with "
+                "the same input (same data, batch size and steps_per_epoch) that the "
+                "backed-up run used."
+            )
 
     epoch_iterator._enumerate_iterator = resumed
+
+
+def _check_landing(
+    epoch_iterator: Any, begin: int, end: int, batch: int, position: int, drawn: int
+) -> None:
+    """The first step trained after a skip must be the saved batch, the input at `position`."""
+    if begin != batch:
+        raise errors.UnsupportedConfigurationError(
+            f"The backup resumes at batch {batch} of its epoch, but this fit's steps run "
+            f"{begin - (end - begin + 1)}..{end} around it: batch {batch} is not the "
+            "start of a step. Resume with the steps_per_execution that wrote the backup."
+        )
+    if drawn != position:
+        raise incompatible(f"ft skipped {drawn} batches where it meant to skip {position}")
+    seen = epoch_iterator._steps_seen
+    if seen != position + end - begin + 1:
+        raise incompatible(
+            f"`EpochIterator._steps_seen` is {seen} at the first resumed step {begin}, "
+            f"expected {position + end - begin + 1} ({position} skipped and "
+            f"{end - begin + 1} in this step)"
+        )
+
+
+def check_resumed_batch(batch: int, expected: int) -> None:
+    """Raise unless the resumed epoch's first batch, as `fit` reports it, is `expected`.
+
+    Call from `on_train_batch_begin`: catches a `fit` that no longer draws
+    its batches through the hook `start_next_epoch_at` replaced.
+    """
+    if batch != expected:
+        raise incompatible(
+            f"the resumed epoch began at batch {batch}, but ft had made it skip to batch "
+            f"{expected}: `fit` no longer iterates through `EpochIterator._enumerate_iterator`"
+        )
 
 
 def _discard(iterator: Any, count: int, batch: int) -> None:

@@ -29,7 +29,11 @@ class BackupRecord:
         num_processes: How many processes took part in the run.
         written_at: UTC time of the commit, ISO 8601.
         variables: JSON manifest of the saved variables (see `training_state`).
-        rng: Host random state captured at the start of `epoch`, or None.
+        rng: Host random state (`ft.host_rng`) when the input iterator that
+            `data_position` counts into started, or None.
+        input_iteration: How many input iterators the run had started before
+            that one (it orders a `tf.data` input that reshuffles each
+            iteration). Records written before ft recorded it read as 0.
         files: Relative path -> {"size": bytes, "crc32": int} for every file,
             or {"size": bytes, "chunk_crc32c": 1} for an OCDBT data file whose
             array chunks carry a crc32c that TensorStore checks as it reads them.
@@ -45,6 +49,7 @@ class BackupRecord:
     written_at: str
     variables: dict[str, Any]
     rng: dict[str, Any] | None = None
+    input_iteration: int = 0
     files: dict[str, dict[str, int]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -76,6 +81,7 @@ class BackupRecord:
                 written_at=str(data["written_at"]),
                 variables=dict(data["variables"]),
                 rng=data.get("rng"),
+                input_iteration=int(data.get("input_iteration", 0)),
                 files={str(k): dict(v) for k, v in data.get("files", {}).items()},
                 extra=dict(data.get("extra", {})),
             )

@@ -189,27 +189,3 @@ def assign(variables: list[Any], values: list[np.ndarray]) -> None:
     """Assign restored values to live variables, one to one."""
     for variable, value in zip(variables, values, strict=True):
         variable.assign(value)
-
-
-def numpy_rng() -> dict[str, Any]:
-    """NumPy's global random state as JSON (it orders shuffled NumPy input on JAX)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
-    return {
-        "bit_generator": str(name),
-        "keys": [int(k) for k in keys],
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached_gaussian": float(cached),
-    }
-
-
-def set_numpy_rng(state: dict[str, Any]) -> None:
-    np.random.set_state(
-        (
-            state["bit_generator"],
-            np.asarray(state["keys"], dtype=np.uint32),
-            state["pos"],
-            state["has_gauss"],
-            state["cached_gaussian"],
-        )
-    )

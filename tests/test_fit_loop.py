@@ -1,43 +1,83 @@
-"""Canaries for the Keras internals that ft.fit_loop relies on.
+"""Canaries for the Keras internals that ft.fit_loop relies on, and its run-time guards.
 
-If one of these fails after a Keras upgrade, mid-epoch resume needs a new hook
-(or Keras gained an initial step of its own, which ft should use instead).
+Each canary drives a real `model.fit`. They run in-process on this process's
+backend and, through `test_canaries_pass_on_the_other_backend`, on the other
+one. CI also runs the `keras_compat` ones against keras-nightly and the oldest
+Keras that pyproject.toml allows. If one fails after a Keras upgrade,
+mid-epoch resume needs a new hook (or Keras gained an initial step of its own,
+which ft should use instead).
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 import keras
 import numpy as np
+import pytest
 
-from ft import fit_loop
+import ft
+from ft import errors, fit_loop
+from tests.helpers import ROOT, engine_env
+
+
+def _model() -> keras.Model:
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    return model
+
+
+def _data(n: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    return np.arange(2 * n, dtype="float32").reshape(n, 2), np.zeros((n, 1), "float32")
 
 
 class Probe(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: Any = None) -> None:
         self.iterator = fit_loop.find_epoch_iterator(self.model)
 
 
+class Seen(keras.callbacks.Callback):
+    """(epoch, batch) of every batch `fit` runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        self.seen.append((self.epoch, batch))
+
+
+class SkipOnce(keras.callbacks.Callback):
+    """Makes epoch 0 start at batch 3, as a resume does."""
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self.iterator = fit_loop.require_epoch_iterator(self.model)
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        if epoch == 0:
+            fit_loop.start_next_epoch_at(self.iterator, batch=3, position=3)
+
+
+@pytest.mark.keras_compat
 def test_fit_exposes_its_epoch_iterator_and_the_attributes_ft_uses() -> None:
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model.compile("sgd", "mse")
     probe = Probe()
-    model.fit(
-        np.zeros((8, 2)), np.zeros((8, 1)), batch_size=2, epochs=1, callbacks=[probe], verbose=0
-    )
+    x, y = _data(8)
+    _model().fit(x, y, batch_size=2, epochs=1, callbacks=[probe], verbose=0)
     it = probe.iterator
-    assert it is not None, "fit no longer has a local `epoch_iterator`"
-    for name in (
-        "_enumerate_iterator",
-        "_steps_seen",
-        "_current_iterator",
-        "_num_batches",
-        "steps_per_epoch",
-        "steps_per_execution",
-        "num_batches",
-    ):
-        assert hasattr(it, name), f"EpochIterator lost `{name}`"
+    assert it is not None, f"Keras {keras.version()}: fit no longer has a local `epoch_iterator`"
+    for name in fit_loop.ITERATOR_ATTRIBUTES:
+        assert hasattr(it, name), f"Keras {keras.version()}: EpochIterator lost `{name}`"
 
 
+@pytest.mark.keras_compat
 def test_keras_still_has_no_initial_step() -> None:
     import inspect
 
@@ -45,32 +85,163 @@ def test_keras_still_has_no_initial_step() -> None:
     assert "initial_step" not in params, "Keras gained `initial_step`: use it in ft.fit_loop"
 
 
-def test_start_next_epoch_at_skips_batches_once() -> None:
-    seen: list[tuple[int, int]] = []
+@pytest.mark.keras_compat
+def test_start_next_epoch_at_skips_batches_of_one_epoch_only() -> None:
+    seen = Seen()
+    x, y = _data()
+    _model().fit(x, y, batch_size=2, epochs=2, callbacks=[SkipOnce(), seen], verbose=0)
+    assert seen.seen == [(0, 3), (0, 4), (1, 0), (1, 1), (1, 2), (1, 3), (1, 4)]
 
-    class Record(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
-            if epoch == 0:
-                fit_loop.start_next_epoch_at(fit_loop_iterator[0], batch=3, position=3)
 
-        def on_train_batch_begin(self, batch, logs=None):
-            seen.append((self.epoch, batch))
+@pytest.mark.keras_compat
+def test_skip_of_an_input_of_unknown_length_lasts_one_epoch() -> None:
+    """fit stops drawing from such an input on an exception, leaving the skipping
+    generator open; the next epoch must still start at batch 0."""
+    tf = pytest.importorskip("tensorflow")
+    x, y = _data()
+    data = tf.data.Dataset.from_tensor_slices((x, y)).filter(lambda a, b: True).batch(2)
+    seen = Seen()
+    _model().fit(data, epochs=3, callbacks=[SkipOnce(), seen], verbose=0)
+    trained = [s for s in seen.seen if s[1] < 5]  # Keras also begins a 6th step that finds no data
+    assert trained == [(0, 3), (0, 4)] + [(e, b) for e in (1, 2) for b in range(5)]
 
-    fit_loop_iterator: list = []
 
-    class Grab(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            fit_loop_iterator.append(fit_loop.find_epoch_iterator(self.model))
+# ----------------------------------------------------- run-time guards
 
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model.compile("sgd", "mse")
-    model.fit(
-        np.zeros((10, 2)),
-        np.zeros((10, 1)),
+
+def _interrupted_backup(tmp_path: Path) -> None:
+    """A backup of epoch 0, batch 2 (of 5) in tmp_path."""
+    x, y = _data()
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if batch == 2:
+                raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        _model().fit(
+            x,
+            y,
+            batch_size=2,
+            epochs=2,
+            callbacks=[ft.BackupAndRestore(tmp_path, save_freq=2), Stop()],
+            verbose=0,
+        )
+
+
+def _resume(tmp_path: Path) -> None:
+    x, y = _data()
+    _model().fit(
+        x,
+        y,
         batch_size=2,
         epochs=2,
-        callbacks=[Grab(), Record()],
+        callbacks=[ft.BackupAndRestore(tmp_path, save_freq=2)],
         verbose=0,
     )
-    assert seen == [(0, 3), (0, 4), (1, 0), (1, 1), (1, 2), (1, 3), (1, 4)]
+
+
+@pytest.mark.keras_compat
+def test_a_fit_interrupted_mid_epoch_resumes_at_its_batch(tmp_path: Path) -> None:
+    _interrupted_backup(tmp_path)
+    seen = Seen()
+    backup = ft.BackupAndRestore(tmp_path, save_freq=2)
+    x, y = _data()
+    _model().fit(x, y, batch_size=2, epochs=2, callbacks=[backup, seen], verbose=0)
+    assert backup.restored is not None and backup.restored["batch"] == 2
+    assert seen.seen == [(0, 2), (0, 3), (0, 4)] + [(1, b) for b in range(5)]
+
+
+def test_missing_epoch_iterator_is_an_error_naming_the_keras_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _interrupted_backup(tmp_path)
+    monkeypatch.setattr(fit_loop, "find_epoch_iterator", lambda model: None)
+    with pytest.raises(errors.IncompatibleKerasError, match=f"Keras {keras.version()}"):
+        _resume(tmp_path)
+
+
+def test_a_fit_that_bypasses_the_skip_is_an_error_not_a_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As if Keras stopped drawing batches through `_enumerate_iterator`."""
+    _interrupted_backup(tmp_path)
+    monkeypatch.setattr(fit_loop, "start_next_epoch_at", lambda *a, **k: None)
+    with pytest.raises(errors.IncompatibleKerasError, match="began at batch 0") as raised:
+        _resume(tmp_path)
+    assert keras.version() in str(raised.value)
+
+
+def test_an_iterator_that_miscounts_its_steps_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As if `_steps_seen` no longer counted the batches drawn."""
+    from keras.src.trainers.epoch_iterator import EpochIterator
+
+    _interrupted_backup(tmp_path)
+    original = EpochIterator._enumerate_iterator
+
+    def miscounting(self: Any) -> Any:
+        for step in original(self):
+            self._steps_seen = 0
+            yield step
+
+    monkeypatch.setattr(EpochIterator, "_enumerate_iterator", miscounting)
+    with pytest.raises(errors.IncompatibleKerasError, match="_steps_seen"):
+        _resume(tmp_path)
+
+
+def test_steps_that_skip_the_saved_batch_are_an_error(tmp_path: Path) -> None:
+    """A backup of batch 3 resumed with steps_per_execution=2 (steps 0-1, 2-3, ...)."""
+    x, y = _data()
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if batch == 3:
+                raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        _model().fit(
+            x,
+            y,
+            batch_size=2,
+            epochs=2,
+            callbacks=[ft.BackupAndRestore(tmp_path, save_freq=3), Stop()],
+            verbose=0,
+        )
+    model = _model()
+    model.compile("sgd", "mse", steps_per_execution=2)
+    with pytest.raises(errors.UnsupportedConfigurationError, match="steps_per_execution"):
+        model.fit(
+            x,
+            y,
+            batch_size=2,
+            epochs=2,
+            callbacks=[ft.BackupAndRestore(tmp_path, save_freq=3)],
+            verbose=0,
+        )
+
+
+def test_canaries_pass_on_the_other_backend() -> None:
+    """The `keras_compat` canaries, driven by a real fit on the backend this process is not."""
+    other = "tensorflow" if keras.backend.backend() == "jax" else "jax"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-m",
+            "keras_compat",
+            str(Path(__file__)),
+        ],
+        env=engine_env(other, PYTEST_ADDOPTS=""),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
