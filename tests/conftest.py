@@ -17,6 +17,15 @@ pytest_plugins = ["ft.testing.pytest_plugin"]
 BACKENDS = ("tensorflow", "jax")
 
 
+@pytest.fixture(scope="session")
+def references(tmp_path_factory: pytest.TempPathFactory):
+    """`references(backend, *scenario_args)`: an uninterrupted 2-worker run's weights,
+    shared by every test of this session that asks for the same one."""
+    from tests.helpers import References
+
+    return References(tmp_path_factory)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)

@@ -1,4 +1,5 @@
-"""Run `tests/scenario.py` in a process of its own and read what it wrote."""
+"""Run `tests/scenario.py` in a process of its own (or as a 2-worker job through
+`ft.testing.run`) and read what it wrote."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+import ft.testing
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "tests" / "scenario.py"
@@ -63,34 +66,56 @@ def assert_same_weights(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> N
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def launch(backend: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`python -m ft.launch ARGS` on `backend`, from the repository root."""
-    return subprocess.run(
-        [sys.executable, "-m", "ft.launch", *args],
-        env=engine_env(backend, TF_CPP_MIN_LOG_LEVEL="3"),
-        capture_output=True,
-        text=True,
+def job(
+    backend: str,
+    out: Path,
+    *args: str,
+    max_restarts: int = 0,
+    grace_period: float = 3.0,
+    timeout: float = 300,
+) -> ft.testing.JobResult:
+    """The scenario as a 2-worker job under `ft.strategies.auto()`, through
+    `ft.testing.run`; worker i writes `out` with `{index}` replaced by i."""
+    return ft.testing.run(
+        SCENARIO,
+        num_workers=2,
+        args=["--strategy", "auto", "--out", str(out), *args],
+        backend=backend,
+        max_restarts=max_restarts,
+        grace_period=grace_period,
         timeout=timeout,
-        cwd=ROOT,
+        directory=out.parent / f"job-{time.monotonic_ns()}",
     )
 
 
-def kill_peer_and_time_survivor(
-    backend: str, tmp_path: Path
-) -> tuple[subprocess.CompletedProcess[str], float]:
-    """Two workers; worker 1 SIGKILLs itself at step 10; no restart, a 120 s grace
+class References:
+    """Uninterrupted 2-worker runs of the scenario, run once per backend and options."""
+
+    def __init__(self, tmp_path_factory: Any) -> None:
+        self._factory = tmp_path_factory
+        self._weights: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
+
+    def __call__(self, backend: str, *extra: str) -> dict[str, np.ndarray]:
+        """Worker 0's final weights (worker 1's are checked to be the same)."""
+        key = (backend, *extra)
+        if key not in self._weights:
+            out = self._factory.mktemp("reference")
+            result = job(backend, out / "w{index}.npz", "--no-backup", *extra)
+            assert result.exit_code == 0, result.tail()
+            ref0, ref1 = weights(out / "w0.npz"), weights(out / "w1.npz")
+            assert_same_weights(ref0, ref1)  # the replicas agree in an uninterrupted run
+            self._weights[key] = ref0
+        return self._weights[key]
+
+
+def kill_peer_and_time_survivor(backend: str, tmp_path: Path) -> tuple[ft.testing.JobResult, float]:
+    """Two workers; worker 1 is SIGKILLed before step 10; no restart, a 120 s grace
     period and a worker 0 that ignores SIGTERM, so only failure detection can end
-    worker 0. Returns the launcher's result and its wall time."""
+    worker 0. Returns the job's result and its wall time."""
     start = time.monotonic()
-    proc = launch(
+    result = job(
         backend,
-        "-n",
-        "2",
-        "--grace-period",
-        "120",
-        str(SCENARIO),
-        "--strategy",
-        "auto",
+        tmp_path / "w{index}.npz",
         "--backup-dir",
         str(tmp_path / "b"),
         "--save-freq",
@@ -100,8 +125,7 @@ def kill_peer_and_time_survivor(
         "--kill-worker",
         "1",
         "--ignore-sigterm",
-        "--out",
-        str(tmp_path / "w{index}.npz"),
+        grace_period=120,
         timeout=200,
     )
-    return proc, time.monotonic() - start
+    return result, time.monotonic() - start

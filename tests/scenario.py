@@ -5,8 +5,11 @@
 Trains an MLP with BatchNormalization and Dropout under Adam, with
 `ft.BackupAndRestore` unless `--no-backup`, and writes the final weights and a
 JSON report (restored point, batches seen, history). `--crash-at-step N`
-raises inside `fit` after global step N; `--kill-at-step N` SIGKILLs the
-process there, and `--kill-during-save` SIGKILLs it inside the N-th save.
+raises inside `fit` after global step N; `--kill-at-step N`,
+`--sigterm-at-step N` and `--sigstop-at-step N` add `ft.testing`'s fault
+callbacks (once per job: under `ft.testing.run` the marker goes into the
+job's directory); `--kill-during-save` SIGKILLs the process inside the N-th
+save.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,6 +28,7 @@ import keras
 import numpy as np
 
 import ft
+import ft.testing
 
 SAMPLES, FEATURES, BATCH = 96, 8, 8
 
@@ -52,7 +57,7 @@ def make_model(synchronized_bn: bool = False) -> keras.Model:
 
 
 class Recorder(keras.callbacks.Callback):
-    """Records batches, and crashes or dies at a chosen global step."""
+    """Records batches, and crashes or stalls at a chosen global step."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__()
@@ -69,15 +74,9 @@ class Recorder(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         step = len(self.seen) + self.args.steps_before
         print(f"step {step}", flush=True)
-        if self.args.kill_at_step == step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if self.args.sigterm_at_step == step:
-            os.kill(os.getpid(), signal.SIGTERM)
         if self.args.stall_at_step == step:
             print("stalling", flush=True)
             time.sleep(120)  # alive (heartbeats go on) but absent from the collectives
-        if self.args.sigstop_at_step == step:
-            os.kill(os.getpid(), signal.SIGSTOP)
         if self.args.crash_at_step == step:
             raise RuntimeError(f"crash at step {step}")
 
@@ -98,7 +97,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="delete_checkpoint=False")
     parser.add_argument("--no-backup", action="store_true")
     parser.add_argument("--strategy", choices=["none", "auto"], default="none")
-    parser.add_argument("--kill-worker", type=int, help="only this worker kills itself")
+    parser.add_argument("--kill-worker", type=int, help="only this worker gets the fault")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--save-before-preemption", action="store_true")
@@ -123,8 +122,7 @@ def main() -> None:
     args.out = args.out.format(index=index)
     first_launch = os.environ.get("FT_RESTART_COUNT", "0") == "0"
     if (args.kill_worker is not None and args.kill_worker != index) or not first_launch:
-        args.kill_at_step = args.kill_during_save = args.sigterm_at_step = None
-        args.sigstop_at_step = args.stall_at_step = None
+        args.kill_during_save = args.stall_at_step = None
     if args.pid_file:
         with open(f"{args.pid_file}.{index}", "w") as f:
             f.write(str(os.getpid()))
@@ -191,6 +189,7 @@ def main() -> None:
             _kill_inside_save(backup, args.kill_during_save)
     recorder = Recorder(args)
     callbacks.append(recorder)
+    callbacks.extend(_faults(args, index))
     fit_kwargs: dict = dict(epochs=args.epochs, callbacks=callbacks, verbose=0)
     if args.input == "tfdata":
         import tensorflow as tf
@@ -227,6 +226,26 @@ def main() -> None:
         report["first_kernel_shard"] = list(kernel.value.sharding.shard_shape(kernel.shape))
     with open(args.out + ".json", "w") as f:
         json.dump(report, f)
+
+
+def _faults(args: argparse.Namespace, index: int) -> list[keras.callbacks.Callback]:
+    """`ft.testing`'s fault callbacks the arguments ask for, on `--kill-worker` or every worker."""
+    worker = index if args.kill_worker is None else args.kill_worker
+    marker_dir = None  # ft.testing.run's job directory: once per job
+    if "FT_TESTING_DIR" not in os.environ:
+        if os.environ.get("FT_RESTART_COUNT", "0") != "0":
+            return []  # a plain `python -m ft.launch` restart: the faults were for the first
+        marker_dir = tempfile.mkdtemp()  # one process on its own: once per process
+    faults: list[keras.callbacks.Callback] = []
+    if args.kill_at_step is not None:
+        faults.append(ft.testing.KillWorker(worker, args.kill_at_step, marker_dir=marker_dir))
+    if args.sigterm_at_step is not None:
+        faults.append(ft.testing.PreemptWorker(worker, args.sigterm_at_step, marker_dir=marker_dir))
+    if args.sigstop_at_step is not None:
+        faults.append(
+            ft.testing.FreezeWorker(worker, args.sigstop_at_step, 600.0, marker_dir=marker_dir)
+        )
+    return faults
 
 
 def _split_first_kernel(devices: list) -> keras.distribution.LayoutMap:

@@ -12,7 +12,6 @@ import pytest
 import ft
 from ft import errors, launch
 from tests import helpers
-from tests.helpers import SCENARIO
 
 
 class _StuckProcess:
@@ -71,31 +70,15 @@ def test_tensorflow_step_waiting_for_a_stalled_worker_fails_at_the_collective_ti
 ) -> None:
     """Worker 1 sleeps inside fit, alive: the heartbeat cannot see it, the collective
     timeout ends worker 0's step with an error that says what it waited for."""
-    proc = helpers.launch(
+    result = helpers.job(
         "tensorflow",
-        "-n",
-        "2",
-        "--grace-period",
-        "3",
-        str(SCENARIO),
-        "--strategy",
-        "auto",
-        "--collective-timeout",
-        "5",
-        "--backup-dir",
-        str(tmp_path / "b"),
-        "--save-freq",
-        "5",
-        "--stall-at-step",
-        "10",
-        "--kill-worker",
-        "1",
-        "--out",
-        str(tmp_path / "w{index}.npz"),
+        tmp_path / "w{index}.npz",
+        *("--collective-timeout", "5", "--backup-dir", str(tmp_path / "b"), "--save-freq", "5"),
+        *("--stall-at-step", "10", "--kill-worker", "1"),
     )
-    assert proc.returncode != 0
-    assert "[worker 1] stalling" in proc.stdout
+    assert result.exit_code != 0
+    assert "stalling" in result.workers[1].lines
     assert (
-        "[worker 0] ft.errors.BarrierTimeoutError: A training step on worker 0 (its collective "
-        "with every other worker) did not complete in time" in proc.stdout
-    ), proc.stdout[-4000:]
+        "ft.errors.BarrierTimeoutError: A training step on worker 0 (its collective "
+        "with every other worker) did not complete in time" in result.workers[0].output
+    ), result.tail()

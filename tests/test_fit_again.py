@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import ft.testing
 from tests import helpers
 
 pytestmark = pytest.mark.slow
@@ -16,20 +17,15 @@ SCRIPT = helpers.ROOT / "tests" / "fit_again.py"
 
 def _run(backend: str, workers: int, out: Path, *args: str) -> list[dict]:
     out.mkdir()
-    proc = helpers.launch(
-        backend,
-        "-n",
-        str(workers),
-        "--grace-period",
-        "3",
-        str(SCRIPT),
-        "--dir",
-        str(out / "b"),
-        "--out",
-        str(out / "r{index}.json"),
-        *args,
+    result = ft.testing.run(
+        SCRIPT,
+        num_workers=workers,
+        args=["--dir", str(out / "b"), "--out", str(out / "r{index}.json"), *args],
+        backend=backend,
+        grace_period=3,
+        directory=out / "job",
     )
-    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert result.exit_code == 0, result.tail()
     return [json.loads((out / f"r{i}.json").read_text()) for i in range(workers)]
 
 

@@ -4,44 +4,21 @@ restore onto another topology."""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+import ft.testing
 from tests import helpers
-from tests.helpers import (
-    SCENARIO,
-    assert_same_weights,
-    report,
-    run_scenario,
-    weights,
-)
+from tests.helpers import assert_same_weights, report, run_scenario, weights
 
 pytestmark = pytest.mark.slow
 
 
-def launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return helpers.launch("jax", *args, timeout=timeout)
-
-
-def two_process_reference(out: Path, *extra: str) -> dict:
-    proc = launch(
-        "-n",
-        "2",
-        str(SCENARIO),
-        "--strategy",
-        "auto",
-        "--no-backup",
-        *extra,
-        "--out",
-        str(out / "w{index}.npz"),
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    ref0, ref1 = weights(out / "w0.npz"), weights(out / "w1.npz")
-    assert_same_weights(ref0, ref1)
-    return ref0
+def job(out: Path, *args: str, **options: Any) -> ft.testing.JobResult:
+    return helpers.job("jax", out, *args, **options)
 
 
 def assert_close_weights(a: dict, b: dict) -> None:
@@ -51,41 +28,29 @@ def assert_close_weights(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("layout", ["data-parallel", "model-parallel"])
-def test_process_killed_mid_epoch_group_resumes_exactly(layout: str, tmp_path: Path) -> None:
+def test_process_killed_mid_epoch_group_resumes_exactly(
+    layout: str, tmp_path: Path, references: helpers.References
+) -> None:
     extra = ("--model-parallel",) if layout == "model-parallel" else ()
-    reference = two_process_reference(tmp_path, *extra)
+    reference = references("jax", *extra)
     backup = tmp_path / "b"
-    proc = launch(
-        "-n",
-        "2",
-        "--max-restarts",
-        "1",
-        "--grace-period",
-        "3",
-        str(SCENARIO),
-        "--strategy",
-        "auto",
+    result = job(
+        tmp_path / "r{index}.npz",
         *extra,
-        "--backup-dir",
-        str(backup),
-        "--save-freq",
-        "5",
-        "--kill-at-step",
-        "17",
-        "--kill-worker",
-        "1",
-        "--out",
-        str(tmp_path / "r{index}.npz"),
+        *("--backup-dir", str(backup), "--save-freq", "5"),
+        *("--kill-at-step", "17", "--kill-worker", "1"),
+        max_restarts=1,
     )
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    assert "worker 1 exited with code 137; restarting the group (1 of 1)" in proc.stdout
+    assert result.exit_code == 0, result.tail()
+    assert "worker 1 exited with code 137; restarting the group (1 of 1)" in "\n".join(
+        result.launcher_lines
+    )
     for index in (0, 1):
         rep = report(tmp_path / f"r{index}.npz")
         assert rep["restored"]["epoch"] == 1 and rep["restored"]["batch"] == 3
         assert rep["seen"][0] == [1, 3]
-        assert (
-            f"[worker {index}] ft [process={index}] INFO: restored epoch 1, batch 3" in proc.stdout
-        )
+        resumed = result.workers[index].resumed
+        assert resumed is not None and (resumed.epoch, resumed.batch) == (1, 3)
         if layout == "model-parallel":
             assert rep["first_kernel_shard"] == [8, 8], "the kernel is split across the 2 processes"
         assert_same_weights(reference, weights(tmp_path / f"r{index}.npz"))
@@ -94,22 +59,11 @@ def test_process_killed_mid_epoch_group_resumes_exactly(layout: str, tmp_path: P
 
 def test_every_process_writes_its_own_shards(tmp_path: Path) -> None:
     backup = tmp_path / "b"
-    proc = launch(
-        "-n",
-        "2",
-        str(SCENARIO),
-        "--strategy",
-        "auto",
-        "--model-parallel",
-        "--backup-dir",
-        str(backup),
-        "--save-freq",
-        "12",
-        "--keep",
-        "--out",
-        str(tmp_path / "w{index}.npz"),
+    result = job(
+        tmp_path / "w{index}.npz",
+        *("--model-parallel", "--backup-dir", str(backup), "--save-freq", "12", "--keep"),
     )
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert result.exit_code == 0, result.tail()
     (committed,) = [p for p in backup.iterdir() if p.name.startswith("ft-step-")]
     state = sorted(p.name for p in (committed / "state").iterdir())
     assert "ocdbt.process_0" in state and "ocdbt.process_1" in state
@@ -120,26 +74,12 @@ def test_two_process_backup_resumes_in_one_process(tmp_path: Path) -> None:
     single = tmp_path / "single.npz"
     run_scenario("jax", single, "--no-backup")
     backup = tmp_path / "b"
-    proc = launch(
-        "-n",
-        "2",
-        "--grace-period",
-        "3",
-        str(SCENARIO),
-        "--strategy",
-        "auto",
-        "--backup-dir",
-        str(backup),
-        "--save-freq",
-        "5",
-        "--kill-at-step",
-        "17",
-        "--kill-worker",
-        "1",
-        "--out",
-        str(tmp_path / "k{index}.npz"),
+    result = job(
+        tmp_path / "k{index}.npz",
+        *("--backup-dir", str(backup), "--save-freq", "5"),
+        *("--kill-at-step", "17", "--kill-worker", "1"),
     )
-    assert proc.returncode == 137
+    assert result.exit_code == 137, result.tail()
     out = tmp_path / "one.npz"
     run_scenario("jax", out, "--strategy", "auto", "--backup-dir", str(backup), "--save-freq", "5")
     assert report(out)["restored"]["step"] == 15
@@ -163,29 +103,18 @@ def test_one_process_backup_resumes_in_two_processes(tmp_path: Path) -> None:
         "17",
         expect_rc=-9,
     )
-    proc = launch(
-        "-n",
-        "2",
-        str(SCENARIO),
-        "--strategy",
-        "auto",
-        "--backup-dir",
-        str(backup),
-        "--save-freq",
-        "5",
-        "--out",
-        str(tmp_path / "two{index}.npz"),
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    result = job(tmp_path / "two{index}.npz", "--backup-dir", str(backup), "--save-freq", "5")
+    assert result.exit_code == 0, result.tail()
     for index in (0, 1):
         assert report(tmp_path / f"two{index}.npz")["restored"]["step"] == 15
         assert_close_weights(weights(single), weights(tmp_path / f"two{index}.npz"))
 
 
 def test_survivor_of_a_killed_peer_exits_in_bounded_time(tmp_path: Path) -> None:
-    proc, _ = helpers.kill_peer_and_time_survivor("jax", tmp_path)
-    assert proc.returncode == 137, proc.stdout[-4000:]
+    result, _ = helpers.kill_peer_and_time_survivor("jax", tmp_path)
+    assert result.exit_code == 137, result.tail()
+    said = "\n".join(result.launcher_lines)
     # Had the survivor hung, the launcher would have SIGKILLed it after the 120 s
     # grace period and said so: leaving by itself is the guarantee, not a time.
-    assert "ignored SIGTERM" not in proc.stdout, "the survivor had to be SIGKILLed: it hung"
+    assert "ignored SIGTERM" not in said, "the survivor had to be SIGKILLed: it hung"
     assert os.path.isdir(tmp_path / "b")

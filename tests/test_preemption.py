@@ -98,51 +98,40 @@ def test_one_process_sigterm_saves_exits_42_and_resumes_exactly(
     assert not backup.exists()
 
 
-def _launch(backend: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return helpers.launch(backend, *args)
-
-
-@pytest.fixture(scope="module", params=["tensorflow", "jax"])
-def engine_reference(request: pytest.FixtureRequest, tmp_path_factory) -> tuple[str, dict]:
-    engine, out = str(request.param), tmp_path_factory.mktemp("ref")
-    ref = _launch(
-        engine, "-n", "2", str(SCENARIO), "--strategy", "auto", "--no-backup",
-        "--out", str(out / "ref{index}.npz"),
-    )  # fmt: skip
-    assert ref.returncode == 0, ref.stdout[-3000:]
-    return engine, weights(out / "ref0.npz")
-
-
+@pytest.mark.parametrize("engine", ["tensorflow", "jax"])
 @pytest.mark.parametrize(("signalled", "late"), [(1, 0), (0, 1)])
 def test_sigterm_to_one_worker_saves_same_step_on_all_even_if_one_learns_late(
-    engine_reference: tuple[str, dict], signalled: int, late: int, tmp_path: Path
+    engine: str, signalled: int, late: int, tmp_path: Path, references: helpers.References
 ) -> None:
     """Worker `signalled` gets SIGTERM after step 17; worker `late` learns of it 2 s
     later, long after the other could have run past any fixed margin of steps."""
-    engine, reference = engine_reference
-    proc = _launch(
-        engine, "-n", "2", "--grace-period", "5", str(SCENARIO), "--strategy", "auto",
-        "--backup-dir", str(tmp_path / "b"), *COMMON, "--sigterm-at-step", "17",
-        "--kill-worker", str(signalled), "--late-worker", str(late),
-        "--out", str(tmp_path / "w{index}.npz"),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    assert f"[worker {signalled}] ft [process={signalled}] INFO: SIGTERM received" in proc.stdout
-    assert f"[worker {late}] learning of the preemption late" in proc.stdout
-    saved = {
-        index: re.findall(rf"\[worker {index}\] ft \[process={index}\] INFO: preempted: saved at step (\d+)", proc.stdout)
-        for index in (0, 1)
-    }  # fmt: skip
+    reference = references(engine)
+    result = helpers.job(
+        engine,
+        tmp_path / "w{index}.npz",
+        *("--backup-dir", str(tmp_path / "b"), *COMMON, "--sigterm-at-step", "17"),
+        *("--kill-worker", str(signalled), "--late-worker", str(late)),
+        grace_period=5,
+    )
+    assert result.exit_code == 0, result.tail()
+    assert (result.restarts, result.preemptions) == (1, 1), result.launcher_lines
+    assert "SIGTERM received" in result.workers[signalled].output
+    assert "learning of the preemption late" in result.workers[late].lines
+    saved = [
+        re.findall(r"preempted: saved at step (\d+)", worker.output) for worker in result.workers
+    ]
     assert saved[0] == saved[1] and len(saved[0]) == 1, saved
     # The signalled worker holds at boundary 18; the other, blocked in step 19's
     # collective, has passed 18: its bound, and the agreed step, is 19.
     step = int(saved[0][0])
     assert step == 19
-    for index in (0, 1):
+    for index, worker in enumerate(result.workers):
+        assert worker.resumed is not None and worker.resumed.step == step
         assert report(tmp_path / f"w{index}.npz")["restored"]["step"] == step
         assert_same_weights(reference, weights(tmp_path / f"w{index}.npz"))
     assert re.search(
-        r"worker \d was preempted and saved \(exit 42\); restarting the group", proc.stdout
+        r"worker \d was preempted and saved \(exit 42\); restarting the group",
+        "\n".join(result.launcher_lines),
     )
 
 

@@ -199,3 +199,22 @@ def test_importing_ft_testing_and_its_plugin_imports_no_engine() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_restore_lines_are_read_with_or_without_what_follows() -> None:
+    from ft.testing.result import parse
+
+    lines = [
+        "[worker 0] ft [process=0] INFO: restored epoch 1, batch 3 (step 15) from /b/ft-step-15",
+        "[worker 1] ft [process=1] INFO: restored epoch 1, batch 3 (step 15) from /b/ft-step-15; "
+        "backing up every 5 batches to /b, synchronously",
+        "[ft.launch] worker 1 exited with code 137; restarting the group (1 of 1)",
+        "[ft.launch] worker 1 was preempted and saved (exit 42); restarting the group "
+        "(preemption 1, not counted as a restart)",
+    ]
+    result = parse(lines, num_workers=2, exit_code=0, directory="/d")
+    expected = ft.testing.RestorePoint(epoch=1, batch=3, step=15, path="/b/ft-step-15")
+    assert result.resumed == [expected, expected]
+    assert (result.restarts, result.preemptions) == (2, 1)
+    assert result.workers[1].lines[0].startswith("ft [process=1] INFO: restored")
+    assert len(result.launcher_lines) == 2

@@ -7,7 +7,7 @@ are worker i's, `[ft.launch] ` lines are the launcher's own.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 _WORKER_LINE = re.compile(r"^\[worker (\d+)\] ?(.*)$")
@@ -38,11 +38,13 @@ class WorkerResult:
         index: The worker's index (`FT_PROCESS_INDEX`).
         lines: Its output lines (stdout and stderr), without the launcher's
             `[worker i]` prefix, in order, over all launches.
+        times: When each of `lines` reached the test: seconds since the job started.
         restores: Every backup it restored, one per launch that found one, in order.
     """
 
     index: int
     lines: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
     restores: list[RestorePoint] = field(default_factory=list)
 
     @property
@@ -98,18 +100,26 @@ class JobResult:
         return "\n".join(self.lines[-count:])
 
 
-def parse(lines: Iterable[str], num_workers: int, exit_code: int, directory: str) -> JobResult:
-    """A `JobResult` from the launcher's output lines."""
+def parse(
+    lines: Sequence[str],
+    num_workers: int,
+    exit_code: int,
+    directory: str,
+    times: Sequence[float] | None = None,
+) -> JobResult:
+    """A `JobResult` from the launcher's output lines (and when each arrived)."""
     all_lines = list(lines)
+    arrived = (list(times or ()) + [0.0] * len(all_lines))[: len(all_lines)]
     workers = [WorkerResult(index) for index in range(num_workers)]
     launcher: list[str] = []
     restarts = preemptions = 0
-    for line in all_lines:
+    for line, when in zip(all_lines, arrived, strict=True):
         match = _WORKER_LINE.match(line)
         if match and int(match.group(1)) < num_workers:
             worker = workers[int(match.group(1))]
             text = match.group(2)
             worker.lines.append(text)
+            worker.times.append(when)
             restored = _RESTORED.search(text)
             if restored:
                 epoch, batch, step = (int(restored.group(i)) for i in (1, 2, 3))

@@ -31,6 +31,8 @@ BACKENDS = ("tensorflow", "jax")
 # Defaults for the workers, each overridable through `env`: run on the CPU
 # (N processes on one machine), keep TensorFlow's C++ logging quiet.
 DEFAULT_ENV = {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
+# ft's INFO lines (where each worker resumed) must reach the output.
+SHOWN_ENV = {"FT_LOG_LEVEL": "INFO"}
 _REAP_SECONDS = 10.0
 
 
@@ -74,7 +76,8 @@ def run(
             group after (preemptions use none). Defaults to 0.
         env: Mapping of environment variables for the workers, over this
             process's environment and the defaults (`JAX_PLATFORMS=cpu`,
-            `CUDA_VISIBLE_DEVICES=""`, `TF_CPP_MIN_LOG_LEVEL=2`). Defaults to None.
+            `CUDA_VISIBLE_DEVICES=""`, `TF_CPP_MIN_LOG_LEVEL=2` unless set here;
+            `FT_LOG_LEVEL=INFO`, so that restores are seen). Defaults to None.
         timeout: Float, seconds the whole job may take, restarts included.
             Past it every process is stopped and `ft.errors.JobTimeoutError`
             raised. Defaults to 300.
@@ -102,7 +105,7 @@ def run(
     directory = os.path.abspath(os.fspath(directory))
     os.makedirs(directory, exist_ok=True)
     token = uuid.uuid4().hex
-    job_env = {**DEFAULT_ENV, **os.environ}
+    job_env = {**DEFAULT_ENV, **os.environ, **SHOWN_ENV}
     if backend is not None:
         job_env["KERAS_BACKEND"] = backend
     job_env.update(env or {})
@@ -121,6 +124,7 @@ def run(
         *args,
     ]
     lines: list[str] = []
+    times: list[float] = []
     try:
         launcher = subprocess.Popen(
             command,
@@ -132,14 +136,16 @@ def run(
             start_new_session=True,  # Ctrl-C reaches the test, which then stops the job
         )
         try:
-            reader = threading.Thread(target=_read, args=(launcher, lines, echo), daemon=True)
+            reader = threading.Thread(
+                target=_read, args=(launcher, lines, times, echo), daemon=True
+            )
             reader.start()
             try:
                 code = launcher.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 _stop_launcher(launcher, grace_period)
                 reader.join(timeout=_REAP_SECONDS)
-                result = parse(list(lines), num_workers, 128 + signal.SIGKILL, directory)
+                result = parse(lines, num_workers, 128 + signal.SIGKILL, directory, times)
                 raise errors.JobTimeoutError(
                     f"ft.testing.run: the {num_workers}-worker job of {script} did not end "
                     f"within timeout={timeout:g} s; every process of it was stopped. Expected "
@@ -148,7 +154,7 @@ def run(
                     result,
                 ) from None
             reader.join(timeout=_REAP_SECONDS)
-            return parse(list(lines), num_workers, code, directory)
+            return parse(lines, num_workers, code, directory, times)
         finally:
             if launcher.poll() is None:  # interrupted (e.g. Ctrl-C) while waiting
                 _stop_launcher(launcher, grace_period)
@@ -246,10 +252,14 @@ def _check_arguments(
             )
 
 
-def _read(launcher: subprocess.Popen[bytes], lines: list[str], echo: bool) -> None:
+def _read(
+    launcher: subprocess.Popen[bytes], lines: list[str], times: list[float], echo: bool
+) -> None:
     assert launcher.stdout is not None
+    start = time.monotonic()
     for raw in iter(launcher.stdout.readline, b""):
         line = raw.decode("utf-8", "replace").rstrip("\n")
+        times.append(time.monotonic() - start)
         lines.append(line)
         if echo:
             print(line, flush=True)
