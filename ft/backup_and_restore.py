@@ -440,7 +440,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._last_saved_step = self._step
         if collective:
             # Every process writes its shards of live device arrays: synchronous.
-            arrays = training_state.snapshot(variables, host_copy=False)
+            arrays = training_state.live_values(variables)
             record = self._record(epoch, batch, at_epoch_end, variables)
             began = time.perf_counter()
             path = self._store.write_collective(record, arrays, self._coordinator, self.timeout)

@@ -1,7 +1,7 @@
-"""What a backup holds about the model: the variables, their manifest, host snapshots.
+"""What a backup holds about the model: the variables, their manifest, restore targets.
 
 Runs on every process. Backend-neutral: variables are Keras variables, values
-are copied to host numpy arrays before they are handed to storage.
+are copied for a backup by `ft.snapshot`.
 """
 
 from __future__ import annotations
@@ -90,17 +90,11 @@ def manifest_from_json(data: dict[str, Any]) -> dict[str, list[VariableSpec]]:
     return {group: [VariableSpec.from_json(d) for d in data.get(group, [])] for group in GROUPS}
 
 
-def snapshot(variables: dict[str, list[Any]], host_copy: bool = True) -> dict[str, list[Any]]:
-    """The value of every variable, as Orbax should store it.
-
-    With `host_copy`, host numpy copies, safe to keep while training goes on
-    (the JAX trainer donates its state buffers to the next step). Without it,
-    the live values: for a JAX multi-host save, where every process writes its
-    own shards of the global arrays before training continues.
-    """
-    if not host_copy:
-        return {group: [v.value for v in variables[group]] for group in GROUPS}
-    return {group: [_host_copy(v.value) for v in variables[group]] for group in GROUPS}
+def live_values(variables: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """The live value of every variable, grouped: for a JAX multi-host save, where
+    every process writes its own shards of the global arrays before training goes
+    on. Other saves take a private copy with `ft.snapshot.Snapshotter`."""
+    return {group: [v.value for v in variables[group]] for group in GROUPS}
 
 
 def nbytes(arrays: dict[str, list[Any]]) -> int:
@@ -133,17 +127,6 @@ def restore_target(
         else:
             target[group] = [np.zeros(s.shape, dtype=s.dtype) for s in saved[group]]
     return target
-
-
-def _host_copy(value: Any) -> np.ndarray:
-    from keras import ops
-
-    # A tf.Variable (distributed ones included) is read through `read_value`:
-    # a SyncOnRead variable under tf.distribute aggregates across replicas there.
-    read = getattr(value, "read_value", None)
-    array = ops.convert_to_numpy(read() if read is not None else value)
-    # One copy, no more: convert_to_numpy may return a view of the engine's buffer.
-    return np.array(array, copy=True)
 
 
 def first_mismatch(
