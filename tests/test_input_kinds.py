@@ -1,7 +1,7 @@
 """Every kind of input `fit` takes resumes mid-epoch at the right batch with the same weights.
 
-For each kind and backend, `tests/input_kinds.py` (in a process of its own per
-backend, since the backend is chosen at import) runs an uninterrupted `fit`, a
+For each kind and backend, `tests/input_kinds.py` (one process per group of
+kinds and backend, since the backend is chosen at import) runs an uninterrupted `fit`, a
 `fit` interrupted by an exception after a backup, and a fresh model with a
 fresh `ft.BackupAndRestore` that resumes. Where an uninterrupted run cannot be
 reproduced (a `tf.data` shuffle without any seed; a `PyDataset` with workers on
@@ -26,76 +26,81 @@ pytestmark = pytest.mark.slow
 RUNNER = ROOT / "tests" / "input_kinds.py"
 BATCHES_PER_EPOCH, EPOCHS = 10, 3
 
-EXACT = [
-    "numpy",
-    "numpy-shuffle",
-    "steps-per-execution",
-    "tfdata",
-    "tfdata-filter",
-    "tfdata-interleave",
-    "tfrecord",
-    "from-generator",
-    "tfdata-repeat",
-    "tfdata-reshuffle",
-    "pydataset",
-    "generator",
-    "numpy-shuffle@epoch-end",
-    "tfdata-filter@epoch-end",
-    "tfdata-reshuffle@epoch-end",
-    "pydataset@epoch-end",
-    "generator@epoch-end",
-    "tfdata-repeat@epoch-end",
-    "tfdata-reshuffle@save-epoch",
-    "tfdata-repeat@save-epoch",
-    "pydataset@save-epoch",
-]
+# Each group runs in one process per backend (the backend is chosen at import).
+GROUPS = {
+    "arrays": [
+        "numpy",
+        "numpy-shuffle",
+        "steps-per-execution",
+        "numpy-shuffle@epoch-end",
+        "generator",
+        "generator@epoch-end",
+    ],
+    "tf-data": [
+        "tfdata",
+        "tfdata-filter",
+        "tfdata-interleave",
+        "tfrecord",
+        "from-generator",
+        "tfdata-repeat",
+        "tfdata-reshuffle",
+        "tfdata-filter@epoch-end",
+        "tfdata-reshuffle@epoch-end",
+        "tfdata-repeat@epoch-end",
+        "tfdata-reshuffle@save-epoch",
+        "tfdata-repeat@save-epoch",
+    ],
+    "pydataset": [
+        "pydataset",
+        "pydataset@epoch-end",
+        "pydataset@save-epoch",
+        "pydataset-workers",
+        "pydataset-multiprocessing",
+    ],
+}
 # Exact on TensorFlow; on JAX, Keras's enqueuer carries batches across epochs.
-WORKERS = ["pydataset-workers", "pydataset-multiprocessing"]
+WORKERS = {"pydataset-workers", "pydataset-multiprocessing"}
+# TensorFlow refuses unseeded shuffles under op determinism: a process of its own.
 UNSEEDED = "tfdata-unseeded"
 
-_runs: dict[tuple[str, tuple[str, ...]], tuple[Path, subprocess.CompletedProcess[str]]] = {}
 
-
-def _run(backend: str, specs: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run the runner once per backend and spec list in this pytest process."""
-    key = (backend, tuple(specs))
-    if key not in _runs:
-        out = tmp_path_factory.mktemp(f"kinds-{backend}")
-        proc = subprocess.run(
-            [sys.executable, str(RUNNER), "--out", str(out), *specs],
-            env=engine_env(backend),
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        _runs[key] = (out, proc)
-    out, proc = _runs[key]
+def _run(backend: str, specs: list[str], out: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), "--out", str(out), *specs],
+        env=engine_env(backend),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
-    return out
 
 
-def _result(
-    backend: str, spec: str, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    if spec == UNSEEDED:
-        # Its own process: TensorFlow refuses unseeded shuffles under op determinism.
-        out = _run(backend, [UNSEEDED], tmp_path_factory)
-    else:
-        out = _run(backend, EXACT + WORKERS, tmp_path_factory)
+def _result(out: Path, spec: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     report = json.loads((out / f"{spec}.json").read_text())
     with np.load(out / f"{spec}.npz", allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     return report, arrays
 
 
-def _assert_resumed_at_the_right_batch(report: dict[str, Any], spec: str) -> None:
+def _batch_problems(report: dict[str, Any], spec: str) -> list[str]:
+    """What is wrong with where the resume started and what it trained."""
     restored = report["restored"]
     saved = 10 if "@" in spec else (16 if "execution" in spec else 12)
-    assert restored["step"] == saved
-    assert restored["epoch"] * BATCHES_PER_EPOCH + restored["batch"] == saved
+    problems = []
+    if (
+        restored["step"] != saved
+        or restored["epoch"] * BATCHES_PER_EPOCH + restored["batch"] != saved
+    ):
+        problems.append(f"restored {restored}, expected step {saved}")
     # Callbacks see the true batch index first, and only the batches left are trained.
-    assert report["first_seen"] == [restored["epoch"], restored["batch"]]
-    assert report["batches_after_resume"] == EPOCHS * BATCHES_PER_EPOCH - saved
+    if report["first_seen"] != [restored["epoch"], restored["batch"]]:
+        problems.append(f"first batch seen {report['first_seen']}")
+    if report["batches_after_resume"] != EPOCHS * BATCHES_PER_EPOCH - saved:
+        problems.append(
+            f"{report['batches_after_resume']} batches after the resume, "
+            f"expected {EPOCHS * BATCHES_PER_EPOCH - saved}"
+        )
+    return problems
 
 
 def _weights(arrays: dict[str, np.ndarray], run: str) -> list[np.ndarray]:
@@ -105,29 +110,51 @@ def _weights(arrays: dict[str, np.ndarray], run: str) -> list[np.ndarray]:
     return [arrays[k] for k in names]
 
 
-@pytest.mark.parametrize("spec", EXACT + WORKERS)
-def test_resume_is_exact(backend: str, spec: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    report, arrays = _result(backend, spec, tmp_path_factory)
-    _assert_resumed_at_the_right_batch(report, spec)
-    if spec in WORKERS and backend == "jax":
-        assert len(report["warnings"]) == 1 and "Not exact" in report["warnings"][0]
-        assert "workers=1" in report["warnings"][0]
-        return
-    assert report["warnings"] == []
-    # The optimizer ran as many steps as in the uninterrupted run (with
-    # unknown cardinality, Keras's TF trainer counts one more each epoch).
-    assert report["iterations"] == report["reference_iterations"]
-    reference, resumed = _weights(arrays, "reference"), _weights(arrays, "resumed")
-    assert len(reference) == len(resumed) > 0
-    for a, b in zip(reference, resumed, strict=True):
-        np.testing.assert_array_equal(a, b)
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_resume_is_exact(backend: str, group: str, tmp_path: Path) -> None:
+    _run(backend, GROUPS[group], tmp_path)
+    failures = []
+    for spec in GROUPS[group]:
+        report, arrays = _result(tmp_path, spec)
+        problems = _batch_problems(report, spec)
+        if spec in WORKERS and backend == "jax":
+            warnings = report["warnings"]
+            if not (
+                len(warnings) == 1 and "Not exact" in warnings[0] and "workers=1" in warnings[0]
+            ):
+                problems.append(f"expected one 'Not exact' warning, got {warnings}")
+        else:
+            if report["warnings"]:
+                problems.append(f"warned {report['warnings']}")
+            # The optimizer ran as many steps as in the uninterrupted run (with
+            # unknown length, Keras's TF trainer counts one more each epoch).
+            if report["iterations"] != report["reference_iterations"]:
+                problems.append(
+                    f"iterations {report['iterations']} != {report['reference_iterations']}"
+                )
+            reference, resumed = _weights(arrays, "reference"), _weights(arrays, "resumed")
+            if not reference or len(reference) != len(resumed):
+                problems.append(f"{len(reference)} reference and {len(resumed)} resumed weights")
+            for i, (a, b) in enumerate(zip(reference, resumed, strict=False)):
+                if not np.array_equal(a, b):
+                    problems.append(f"weight {i} differs by up to {np.max(np.abs(a - b))}")
+        failures += [f"{spec}: {p}" for p in problems]
+    assert not failures, "\n".join(failures)
+
+
+def test_every_kind_of_the_runner_is_tested() -> None:
+    from tests.input_kinds import KINDS
+
+    tested = {spec.partition("@")[0] for specs in GROUPS.values() for spec in specs}
+    assert tested | {UNSEEDED} == set(KINDS)
 
 
 def test_unseeded_tf_data_shuffle_resumes_the_right_batches_and_warns_once(
-    backend: str, tmp_path_factory: pytest.TempPathFactory
+    backend: str, tmp_path: Path
 ) -> None:
-    report, _ = _result(backend, UNSEEDED, tmp_path_factory)
-    _assert_resumed_at_the_right_batch(report, UNSEEDED)
+    _run(backend, [UNSEEDED], tmp_path)
+    report, _ = _result(tmp_path, UNSEEDED)
+    assert _batch_problems(report, UNSEEDED) == []
     assert len(report["warnings"]) == 1, report["warnings"]
     warning = report["warnings"][0]
     assert "Not exact" in warning and "seed=" in warning and "set_random_seed" in warning
