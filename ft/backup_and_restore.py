@@ -292,7 +292,8 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self._fit_exit is not None:
-            self._fit_exit()
+            fit_exit_, self._fit_exit = self._fit_exit, None
+            fit_exit_()
         keep = not self.delete_checkpoint and not self._preempted
         if not self._preempted and (
             self._due_step is not None or (keep and self._step > self._last_saved_step)
@@ -328,11 +329,30 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def _undo_fit_hooks(self) -> None:
         """Undo what on_train_begin installed for this fit; runs once, by any exit path."""
+        if self._fit_exit is not None:  # not from on_train_end: fit is raising
+            self._attach_background_error(sys.exc_info()[1])
         self.model._initial_epoch = None
         fit_loop.unguard_train_function(self.model)
         if self._preemption is not None:
             self._preemption.uninstall()
             self._preemption = None
+
+    def _attach_background_error(self, ending: BaseException | None) -> None:
+        """Chain a background save's error to the exception that ends `fit`, never drop it.
+
+        A save still in flight logs its error when it fails instead.
+        """
+        error = self._pipeline.take_error()
+        if error is None or ending is None or error is ending:
+            if error is not None:
+                logger.error("a background save failed: %s: %s", type(error).__name__, error)
+            return
+        if ending.__context__ is None:
+            ending.__context__ = error
+        if hasattr(ending, "add_note"):  # Python 3.11+
+            ending.add_note(
+                f"ft: a background save had failed too: {type(error).__name__}: {error}"
+            )
 
     def _restore_newest_intact(self) -> None:
         """Load the newest intact backup, if any. Call on all processes.

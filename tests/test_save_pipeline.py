@@ -194,3 +194,26 @@ def test_benchmark_gpu_mode_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert result["restore"]["ft_restore"][0] > 0
     table = (tmp_path / "benchmark-gpu.md").read_text()
     assert "keras_orbax_checkpoint" in table and "ft / cold read" in table
+
+
+def test_background_error_is_chained_to_the_exception_that_ends_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_write(self: CheckpointStore, record: Any, arrays: Any) -> str:
+        raise OSError(28, "No space left on device (injected)")
+
+    class FailAfterSave(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            for thread in threading.enumerate():  # the save of step 1 has failed
+                if thread.name == "ft-save-pipeline":
+                    thread.join(60)
+            raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(CheckpointStore, "write", failing_write)
+    callback = ft.BackupAndRestore(tmp_path / "b", save_freq=1, async_save=True)
+    with pytest.raises(RuntimeError, match="interrupted") as raised:
+        make_model().fit(X, Y, batch_size=16, epochs=1, callbacks=[callback, FailAfterSave()])
+    context = raised.value.__context__
+    assert isinstance(context, OSError) and "No space left" in str(context)
+    if sys.version_info >= (3, 11):
+        assert any("background save" in note for note in raised.value.__notes__)
