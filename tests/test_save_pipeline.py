@@ -49,14 +49,25 @@ def held_writes(monkeypatch: pytest.MonkeyPatch, release: threading.Event) -> li
     return steps
 
 
-def test_snapshot_is_a_copy_not_a_view() -> None:
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_snapshot_is_a_copy_not_a_view(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if path == "device":
+        if keras.backend.backend() != "jax":
+            pytest.skip("the device path is JAX's")
+        from ft import snapshot
+
+        # The GPU/TPU path, on the CPU: a jitted copy not waited for, then the
+        # training steps that donate the live buffers, then pinned_host.
+        monkeypatch.setattr(snapshot, "_on_accelerator", lambda values: True)
     model = make_model()
     model.fit(X, Y, batch_size=16, epochs=1, verbose=0)
     variables = {"model": list(model.trainable_variables), "optimizer": [], "metrics": []}
     before = [np.array(keras.ops.convert_to_numpy(v)) for v in variables["model"]]
-    snapshot = Snapshotter().take(variables)
+    snapshotter = Snapshotter()
+    snapshot = snapshotter.take(variables)
     model.fit(X, Y, batch_size=16, epochs=1, verbose=0)  # donates and updates every variable
     taken = snapshot.host()["model"]
+    assert snapshotter.last_where == path
     for a, b in zip(before, taken, strict=True):
         np.testing.assert_array_equal(a, b)
     after = [np.array(keras.ops.convert_to_numpy(v)) for v in variables["model"]]
