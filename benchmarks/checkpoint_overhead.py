@@ -65,8 +65,9 @@ def tables(results: list[dict[str, Any]]) -> str:
     """Markdown: per-save costs with ratios, ft's stages, limits, restore."""
     lines = [
         "| backend | model | mode (save every) | callback | blocked / save | added to fit / save "
-        "| pipeline / save | added / raw floor | added / keras B&R | saves moved (steps) |",
-        "|" + "---|" * 10,
+        "| pipeline / save | added / raw floor | added / keras B&R | saves moved (steps) "
+        "| peak extra host memory / state |",
+        "|" + "---|" * 11,
     ]
     for res in results:
         for mode, m in res["modes"].items():
@@ -86,7 +87,8 @@ def tables(results: list[dict[str, Any]]) -> str:
                     f"{res['state_bytes'] / 1e9:.2f} GB) | {mode} ({m['every']}) | {name} "
                     f"| {_f(c['blocked_per_save'])} | {_f(c['added_per_save'])} "
                     f"| {_f(c.get('pipeline_per_save'))} | {_ratio(c['added_per_save'], floor)} "
-                    f"| {_ratio(c['added_per_save'], keras_br)} | {moved} |"
+                    f"| {_ratio(c['added_per_save'], keras_br)} | {moved} "
+                    f"| {c.get('extra_host_memory', float('nan')):.2f} |"
                 )
     lines += [
         "",

@@ -35,6 +35,31 @@ SIZES = {  # width, hidden layers of a Dense stack on 1024 inputs (state = 3 x p
 INPUTS = 1024
 
 
+class PeakRSS:
+    """Highest resident set size while the block runs, sampled every 5 ms."""
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def drop_caches() -> bool:
     try:
         os.sync()
@@ -274,13 +299,18 @@ def run(size: str, saves: int, close_every: int | None, repeats: int) -> dict[st
     lim = limits(model, work)
     state_bytes = sum(int(_host_view_nbytes(v)) for v in _state(model))
 
+    peaks: list[int] = []
+
     def fit(steps: int, callbacks: list[Any]) -> float:
         model._initial_epoch = None  # Keras's BackupAndRestore leaves it set after a restore
         xs = np.resize(x, (steps * batch, INPUTS))
         ys = np.zeros((steps * batch, 10), "float32")
-        start = time.perf_counter()
-        model.fit(xs, ys, batch_size=batch, epochs=1, callbacks=callbacks, verbose=0)
-        return time.perf_counter() - start
+        with PeakRSS() as peak:
+            start = time.perf_counter()
+            model.fit(xs, ys, batch_size=batch, epochs=1, callbacks=callbacks, verbose=0)
+            elapsed = time.perf_counter() - start
+        peaks.append(peak.peak - peak.start)
+        return elapsed
 
     step_seconds = fit(20, []) / 20
     estimate = (lim.get("to_host_pinned") or lim.get("memcpy") or 0.0) + (lim["write_fsync"] or 0)
@@ -332,6 +362,8 @@ def run(size: str, saves: int, close_every: int | None, repeats: int) -> dict[st
                     "added_per_save": (elapsed - base) / saves,
                     "blocked_per_save": timed.blocked / saves,
                     "end_wait": timed.end,
+                    # highest resident memory during fit above its start, in states
+                    "extra_host_memory": peaks[-1] / state_bytes,
                 }
                 if name == "raw_floor":
                     entry["pipeline_per_save"] = _mean(inner.pipeline)
