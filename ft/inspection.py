@@ -1,7 +1,10 @@
 """`python -m ft inspect BACKUP_DIR [--json]`: what a backup holds and whether it is intact.
 
+BACKUP_DIR is a local or network path, or a `gs://` or `s3://` URL.
+
 Reads only; writes nothing into `backup_dir`. Backups that a run found damaged
-and moved aside (`.ft-damaged-<step>-<id>/`) are listed and checked too. Exit
+and moved aside (`.ft-damaged-<step>-<id>/`; in a bucket, `ft-step-N/` with
+`ft-damaged.json`) are listed and checked too. Exit
 codes: 0 when every committed backup is intact, 1 when one is damaged, 3 when
 there is none.
 """

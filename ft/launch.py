@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -63,6 +64,9 @@ each worker gets, in its environment:
                      (and JAX's coordinator); fresh ports at every (re)start
   FT_PROCESS_INDEX   i, from 0;   FT_NUM_PROCESSES   N
   FT_RESTART_COUNT   how many times the group was started again (0 the first time)
+  FT_LAUNCH_ID       one id for this launcher's whole life: a restarted group takes
+                     over at once the lease its killed predecessor held on a gs://
+                     or s3:// backup_dir
   {SIGTERM_FILE_ENV}    a file ft creates when this worker gets SIGTERM, so the
                      launcher can name the preempted worker
   PYTHONUNBUFFERED=1, and unless already set (not with --engine-logs):
@@ -159,6 +163,7 @@ class Launcher:
         self.keep_output = keep_output
         self.env = dict(env or {})
         self.restarts = 0
+        self.launch_id = uuid.uuid4().hex
         self.preemptions = 0
         self.outputs: list[list[str]] = [[] for _ in range(num_workers)]
         self._procs: list[subprocess.Popen[bytes]] = []
@@ -224,6 +229,7 @@ class Launcher:
             FT_PROCESS_INDEX=str(index),
             FT_NUM_PROCESSES=str(self.num_workers),
             FT_RESTART_COUNT=str(self.restarts + self.preemptions),  # relaunches so far
+            FT_LAUNCH_ID=self.launch_id,
             PYTHONUNBUFFERED="1",
         )
         env[SIGTERM_FILE_ENV] = os.path.join(marker_dir, f"sigterm.{index}")

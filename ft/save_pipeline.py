@@ -37,8 +37,8 @@ _pipelines_lock = threading.Lock()
 
 
 def for_directory(directory: str) -> SavePipeline:
-    """The one save pipeline of `directory` in this process."""
-    key = os.path.realpath(directory)
+    """The one save pipeline of `directory` (a path or a bucket URL) in this process."""
+    key = directory if "://" in directory else os.path.realpath(directory)
     with _pipelines_lock:
         return _pipelines.setdefault(key, SavePipeline(key))
 

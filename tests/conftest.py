@@ -3,7 +3,10 @@ tests that need both backends run `tests/scenario.py` in processes of their own.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -29,3 +32,43 @@ def references(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def _object_store_servers() -> Iterator[dict[str, Any]]:
+    """Started on first use, one per scheme, stopped at the end of the session."""
+    from tests import object_stores
+
+    with contextlib.ExitStack() as stack:
+        started: dict[str, Any] = {}
+
+        def get(scheme: str) -> Any:
+            if scheme not in started:
+                started[scheme] = stack.enter_context(object_stores.SERVERS[scheme]())
+            return started[scheme]
+
+        yield {"get": get}
+
+
+@pytest.fixture(params=["s3", "gs"])
+def bucket(
+    request: pytest.FixtureRequest,
+    _object_store_servers: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Any:
+    """A fresh `s3://` or `gs://` backup_dir on a real local server.
+
+    The server's variables are set in this process (and so reach the
+    subprocesses it starts); `bucket.url` is unique to the test.
+    """
+    import uuid
+
+    store = _object_store_servers["get"](request.param)
+    for name, value in store.env.items():
+        monkeypatch.setenv(name, value)
+    return _Bucket(store.scheme, store.url(f"run-{uuid.uuid4().hex[:10]}"), dict(store.env))
+
+
+class _Bucket:
+    def __init__(self, scheme: str, url: str, env: dict[str, str]) -> None:
+        self.scheme, self.url, self.env = scheme, url, env

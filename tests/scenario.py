@@ -217,7 +217,7 @@ def main() -> None:
         "restored": backup.restored if backup else None,
         "seen": recorder.seen,
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
-        "backup_dir_exists": bool(args.backup_dir) and os.path.exists(args.backup_dir),
+        "backup_dir_exists": bool(args.backup_dir) and _exists(args.backup_dir),
         # the processes this one trained with, as ft's callback saw them
         "num_processes": backup._coordinator.num_processes if backup else None,
     }
@@ -275,9 +275,25 @@ def _learn_preemption_late(seconds: float) -> None:
     PreemptionWatch._wait_for_preemption = late  # type: ignore[method-assign]
 
 
+def _exists(backup_dir: str) -> bool:
+    """Whether anything is left in `backup_dir`, a path or a bucket URL."""
+    if "://" not in backup_dir:
+        return os.path.exists(backup_dir)
+    from ft.store.bucket_paths import BucketURL, filesystem
+
+    location = BucketURL.parse(backup_dir)
+    fs = filesystem(location.scheme)
+    fs.invalidate_cache(location.fs_path())
+    try:
+        return bool(fs.find(location.fs_path()))
+    except FileNotFoundError:
+        return False
+
+
 def _forbid_store_writes() -> None:
     """Every method that writes into backup_dir raises on this process."""
     from ft.checkpoint_store import CheckpointStore
+    from ft.store.bucket import BucketStore
 
     def refuse(name: str):
         def method(self, *args, **kwargs):
@@ -288,11 +304,27 @@ def _forbid_store_writes() -> None:
 
     for name in ("prepare", "remove_partial", "write", "delete", "_discard"):
         setattr(CheckpointStore, name, refuse(name))
+    for name in ("prepare", "lock", "remove_partial", "write", "_commit", "delete", "_remove"):
+        setattr(BucketStore, name, refuse(name))
 
 
 def _kill_inside_save(backup: ft.BackupAndRestore, nth: int) -> None:
     """SIGKILL the process after the N-th save wrote its arrays, before it commits."""
     store = backup._store
+    if not hasattr(store, "_orbax"):  # a bucket: arrays go through bucket_arrays
+        from ft.store import bucket_arrays
+
+        write_data = bucket_arrays.write_data
+        count = {"n": 0}
+
+        def dying_write_data(*a, **k):
+            write_data(*a, **k)
+            count["n"] += 1
+            if count["n"] == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        bucket_arrays.write_data = dying_write_data  # type: ignore[assignment]
+        return
     original = store._orbax
     calls = {"n": 0}
 

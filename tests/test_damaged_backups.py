@@ -187,20 +187,21 @@ def test_a_flipped_byte_anywhere_in_an_array_file_is_never_loaded(tmp_path: Path
     store.close()
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/run-1", "gs://bucket/run-1", "GS://b/x"])
-def test_bucket_backup_dir_is_refused_until_its_store_exists(
+# gs:// and s3:// have their store (tests/test_bucket_store.py); other URLs are refused.
+@pytest.mark.parametrize("url", ["az://container/run-1", "hdfs://namenode/run-1", "HTTP://b/x"])
+def test_other_url_schemes_are_refused(
     url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(errors.UnsupportedConfigurationError, match="URL") as info:
         ft.BackupAndRestore(url)
     assert isinstance(info.value, ValueError) and url in str(info.value)
-    assert list(tmp_path.iterdir()) == []  # no local folder named "s3:" or "gs:"
+    assert list(tmp_path.iterdir()) == []  # no local folder named "az:" or "hdfs:"
 
 
-def test_inspect_refuses_a_bucket_url_with_exit_code_2(tmp_path: Path) -> None:
+def test_inspect_refuses_an_unsupported_url_with_exit_code_2(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "ft", "inspect", "s3://bucket/run-1"],
+        [sys.executable, "-m", "ft", "inspect", "az://container/run-1"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -208,4 +209,4 @@ def test_inspect_refuses_a_bucket_url_with_exit_code_2(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "s3:// URL" in proc.stderr and list(tmp_path.iterdir()) == []
+    assert "az:// URL" in proc.stderr and list(tmp_path.iterdir()) == []
