@@ -117,8 +117,10 @@ def filesystem(scheme: str) -> Any:
             from google.oauth2.credentials import Credentials
 
             token = Credentials(testing_token)
-        return GCSFileSystem(endpoint_url=endpoint, token=token)
-    return fsspec.filesystem(scheme)
+        return GCSFileSystem(endpoint_url=endpoint, token=token, use_listings_cache=False)
+    # No listing cache: other processes (and TensorStore, beside fsspec) write
+    # to the same prefixes, and every listing ft makes must be fresh.
+    return fsspec.filesystem(scheme, use_listings_cache=False)
 
 
 def kvstore_spec(location: BucketURL, *parts: str) -> dict[str, Any]:
