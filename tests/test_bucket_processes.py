@@ -19,7 +19,6 @@ import pytest
 
 from tests import helpers
 from tests.helpers import (
-    SCENARIO,
     assert_same_weights,
     engine_env,
     report,
@@ -102,75 +101,40 @@ def test_sigkill_inside_a_save_keeps_the_previous_backup(
     assert_same_weights(ref, weights(out))
 
 
-def _launch_two(backend: str, bucket_url: str, tmp_path: Path, *extra: str) -> dict:
-    proc = helpers.launch(
-        backend,
-        "-n",
-        "2",
-        "--max-restarts",
-        "1",
-        "--grace-period",
-        "3",
-        str(SCENARIO),
-        "--strategy",
-        "auto",
-        *extra,
-        "--backup-dir",
-        bucket_url,
-        "--save-freq",
-        "5",
-        "--kill-at-step",
-        "17",
-        "--kill-worker",
-        "1",
-        "--out",
-        str(tmp_path / "r{index}.npz"),
-    )
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    assert "worker 1 exited with code 137; restarting the group (1 of 1)" in proc.stdout
-    for index in (0, 1):
-        rep = report(tmp_path / f"r{index}.npz")
-        assert rep["restored"]["step"] == 15, rep["restored"]
-        assert rep["seen"][0] == [1, 3]
-        assert (
-            f"[worker {index}] ft [process={index}] INFO: restored epoch 1, batch 3" in proc.stdout
-        )
-    return {index: weights(tmp_path / f"r{index}.npz") for index in (0, 1)}
-
-
-def _two_process_reference(backend: str, tmp_path: Path, *extra: str) -> dict:
-    proc = helpers.launch(
-        backend,
-        "-n",
-        "2",
-        str(SCENARIO),
-        "--strategy",
-        "auto",
-        "--no-backup",
-        *extra,
-        "--out",
-        str(tmp_path / "ref{index}.npz"),
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    return weights(tmp_path / "ref0.npz")
-
-
 @pytest.mark.parametrize(
     ("backend", "bucket"), [("tensorflow", "s3"), ("jax", "gs")], indirect=["bucket"]
 )
 def test_two_workers_killed_and_restarted_resume_exactly_from_the_bucket(
-    backend: str, bucket, tmp_path: Path
+    backend: str, bucket, references: helpers.References, tmp_path: Path
 ) -> None:
     """A worker SIGKILLed mid-epoch under `python -m ft.launch`; the group restarts.
 
-    TensorFlow: the chief alone writes. JAX: the first kernel is split over the
-    2 processes, and each writes its own shards of it.
+    Worker 1 exits on any store method that only the chief may call. TensorFlow:
+    the chief alone writes. JAX: the first kernel is split over the 2
+    processes, and each writes the chunks of its own shards of it.
     """
-    extra = ("--model-parallel",) if backend == "jax" else ()
-    ref = _two_process_reference(backend, tmp_path, *extra)
-    resumed = _launch_two(backend, bucket.url, tmp_path, *extra, "--forbid-writes")
+    layout = ("--model-parallel",) if backend == "jax" else ()
+    reference = references(backend, *layout)
+    result = helpers.job(
+        backend,
+        tmp_path / "r{index}.npz",
+        *layout,
+        "--forbid-writes",
+        *("--backup-dir", bucket.url, "--save-freq", "5"),
+        *("--kill-at-step", "17", "--kill-worker", "1"),
+        max_restarts=1,
+    )
+    assert result.exit_code == 0, result.tail()
+    assert "FORBIDDEN WRITE" not in result.output
+    assert "worker 1 exited with code 137" in "\n".join(result.launcher_lines)
     for index in (0, 1):
-        assert_same_weights(ref, resumed[index])
+        rep = report(tmp_path / f"r{index}.npz")
+        assert rep["restored"]["step"] == 15, rep["restored"]
+        assert rep["restored"]["path"] == f"{bucket.url}/ft-step-0000000015"
+        assert rep["seen"][0] == [1, 3]
+        if backend == "jax":
+            assert rep["first_kernel_shard"] == [8, 8], "the kernel is split across the 2 processes"
+        assert_same_weights(reference, weights(tmp_path / f"r{index}.npz"))
     assert objects(bucket.url) == {}, "deleted once, after every worker finished"
 
 
