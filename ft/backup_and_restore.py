@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import json
-import numbers
 import os
 import sys
 import time
@@ -15,25 +12,25 @@ import numpy as np
 
 import ft.strategies as strategies
 from ft import (
-    errors,
+    arguments,
     fit_exit,
     fit_loop,
     log,
     preemption,
     report,
+    restore,
     save_pipeline,
+    saving,
     training_state,
 )
 from ft.input_state import InputState
 from ft.log import get_logger
 from ft.metadata import BackupRecord
+from ft.saving import ASYNC_THRESHOLD_BYTES
 from ft.snapshot import Snapshotter
 from ft.store import BackupStore, open_store
 
 logger = get_logger()
-
-# States this large are saved in the background when `async_save=None`.
-ASYNC_THRESHOLD_BYTES = 32 << 20
 
 
 class BackupAndRestore(keras.callbacks.Callback):
@@ -155,34 +152,19 @@ class BackupAndRestore(keras.callbacks.Callback):
         async_save: bool | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(backup_dir, (str, os.PathLike)) or not os.fspath(backup_dir):
-            raise ValueError(
-                "Invalid value for argument `backup_dir`. "
-                f"Received: backup_dir={backup_dir!r}. Expected a non-empty path "
-                "(a string or os.PathLike) of a directory for the backups."
-            )
-        _check_save_freq(save_freq, save_before_preemption)
-        self.backup_dir: str = os.fspath(backup_dir)
+        backup_dir = arguments.checked_backup_dir(backup_dir)
+        arguments.checked_save_freq(save_freq, save_before_preemption)
+        self.backup_dir: str = backup_dir
         self.save_freq = save_freq
         self.double_checkpoint: bool = bool(double_checkpoint)
-        self.max_to_keep: int = _checked_max_to_keep(max_to_keep)
+        self.max_to_keep: int = arguments.checked_max_to_keep(max_to_keep)
         keep = max(self.max_to_keep, 2) if self.double_checkpoint else self.max_to_keep
         # Refuses a backup_dir no store supports (gs://, s3:// for now), before any work.
         self._store: BackupStore = open_store(self.backup_dir, max_to_keep=keep)
         self.delete_checkpoint: bool = bool(delete_checkpoint)
         self.save_before_preemption: bool = bool(save_before_preemption)
-        if not isinstance(timeout, numbers.Real) or not 0 < timeout < float("inf"):
-            raise ValueError(
-                f"Invalid value for argument `timeout`. Received: timeout={timeout!r}. "
-                "Expected a positive, finite number of seconds."
-            )
-        self.timeout: float = float(timeout)
-        if async_save not in (None, True, False):
-            raise ValueError(
-                f"Invalid value for argument `async_save`. Received: async_save={async_save!r}. "
-                "Expected True, False or None (by state size)."
-            )
-        self.async_save: bool | None = async_save
+        self.timeout: float = arguments.checked_timeout(timeout)
+        self.async_save: bool | None = arguments.checked_async_save(async_save)
         self._coordinator: strategies.Coordinator = strategies.SingleProcess()
         self._preemption: preemption.PreemptionWatch | None = None
         self._pipeline: save_pipeline.SavePipeline = save_pipeline.for_directory(self.backup_dir)
@@ -207,7 +189,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.stats = report.SaveStats()
         self._fit_start = time.monotonic()
         self._due_step = None
-        self._wait_for_earlier_fit()
+        saving.wait_for_earlier_fit(self._pipeline, self.timeout)
         model = self.model
         # Undone however this fit ends (Keras calls on_train_end only when it completes).
         self._fit_exit = fit_exit.on_fit_exit(model, self._undo_fit_hooks)
@@ -220,7 +202,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._resume = None
         self._pending_metrics = None
         self.restored = None
-        self._restore_newest_intact()
+        restored = restore.restore_newest_intact(
+            model, self._store, self._coordinator, self.timeout, self._input, self._epoch_iterator
+        )
+        if restored is not None:
+            self._apply_restored(restored)
         # Nobody trains (and the chief replaces no backup) until all have loaded.
         self._coordinator.barrier("restored", self.timeout)
         self._preempted = False
@@ -330,82 +316,12 @@ class BackupAndRestore(keras.callbacks.Callback):
     def _undo_fit_hooks(self) -> None:
         """Undo what on_train_begin installed for this fit; runs once, by any exit path."""
         if self._fit_exit is not None:  # not from on_train_end: fit is raising
-            self._attach_background_error(sys.exc_info()[1])
+            saving.attach_background_error(self._pipeline, sys.exc_info()[1])
         self.model._initial_epoch = None
         fit_loop.unguard_train_function(self.model)
         if self._preemption is not None:
             self._preemption.uninstall()
             self._preemption = None
-
-    def _attach_background_error(self, ending: BaseException | None) -> None:
-        """Chain a background save's error to the exception that ends `fit`, never drop it.
-
-        A save still in flight logs its error when it fails instead.
-        """
-        error = self._pipeline.take_error()
-        if error is None or ending is None or error is ending:
-            if error is not None:
-                logger.error("a background save failed: %s: %s", type(error).__name__, error)
-            return
-        if ending.__context__ is None:
-            ending.__context__ = error
-        if hasattr(ending, "add_note"):  # Python 3.11+
-            ending.add_note(
-                f"ft: a background save had failed too: {type(error).__name__}: {error}"
-            )
-
-    def _restore_newest_intact(self) -> None:
-        """Load the newest intact backup, if any. Call on all processes.
-
-        One process verifies the arrays while it reads them: a backup that
-        fails that read is moved aside and the next older one is tried (none
-        is moved when no older one is kept). With several processes the chief
-        reads every array before it names the backup (`verify_all`), since
-        the workers' reads cannot fall back together.
-        """
-        while True:
-            path, record = self._agree_on_restore_point()
-            if path is None:
-                return
-            try:
-                self._restore(path, record or self._store.read_record(path))
-                return
-            except errors.CheckpointCorruptedError as e:
-                if self._coordinator.num_processes > 1 or not self._store.older_than(path):
-                    raise
-                self._store.set_aside(path, e)
-
-    def _agree_on_restore_point(self) -> tuple[str | None, BackupRecord | None]:
-        """The chief picks the newest intact backup; every worker learns which.
-
-        Call on all processes. The chief alone creates, locks and cleans
-        `backup_dir`; a failure there reaches the other workers as
-        `ChiefFailedError` instead of leaving them waiting.
-        """
-        found: tuple[str, BackupRecord] | None = None
-        failure: Exception | None = None
-        decision: str | None = None
-        if self._coordinator.is_chief:
-            try:
-                self._store.prepare()
-                self._store.lock()
-                self._store.remove_partial()
-                found = self._store.latest(read_all=self._coordinator.num_processes > 1)
-                decision = json.dumps({"path": found[0] if found else None})
-            except (errors.FTError, OSError) as e:
-                failure = e
-                decision = json.dumps({"error": f"{type(e).__name__}: {e}"})
-        decision = self._coordinator.broadcast("restore-point", decision, self.timeout)
-        if failure is not None:
-            raise failure
-        chosen = json.loads(decision)
-        if "error" in chosen:
-            raise errors.ChiefFailedError(
-                f"The chief could not use backup_dir {self._store.directory}: {chosen['error']}"
-            )
-        if found is not None:
-            return found
-        return chosen["path"], None
 
     # --------------------------------------------------------------- helpers
     def _must_move(self) -> bool:
@@ -421,22 +337,6 @@ class BackupAndRestore(keras.callbacks.Callback):
             return self._epoch + 1, 0, True
         return self._epoch, done, False
 
-    def _wait_for_earlier_fit(self) -> None:
-        """Wait for a save that an earlier `fit` of this `backup_dir` left in flight."""
-        try:
-            self._pipeline.wait(self.timeout)
-        except errors.SaveTimeoutError:
-            raise
-        except BaseException as e:
-            # That fit ended with an exception of its own; this error was logged
-            # when it happened. Its backup is lost, the one before it is intact.
-            logger.warning(
-                "the backup left in flight by an earlier fit failed (%s: %s); "
-                "continuing from the newest committed backup",
-                type(e).__name__,
-                e,
-            )
-
     def _save(self, epoch: int, batch: int, at_epoch_end: bool) -> None:
         """Back up the state at this step. Call on all processes; the chief writes.
 
@@ -450,126 +350,36 @@ class BackupAndRestore(keras.callbacks.Callback):
             self.stats.add_moved(self._step - self._due_step)
         self._due_step = None
         try:
-            self._save_now(epoch, batch, at_epoch_end)
+            variables = training_state.live_variables(self.model)
+            self._last_saved_step = self._step
+            saving.save_now(
+                variables,
+                store=self._store,
+                coordinator=self._coordinator,
+                pipeline=self._pipeline,
+                snapshotter=self._snapshotter,
+                input_state=self._input,
+                stats=self.stats,
+                step=self._step,
+                epoch=epoch,
+                batch=batch,
+                at_epoch_end=at_epoch_end,
+                async_save=self.async_save,
+                timeout=self.timeout,
+            )
         finally:
             self.stats.add_blocked(time.perf_counter() - start)
 
-    def _save_now(self, epoch: int, batch: int, at_epoch_end: bool) -> None:
-        collective = strategies.every_process_writes(self._coordinator)
-        variables = training_state.live_variables(self.model)
-        self._last_saved_step = self._step
-        if collective:
-            # Every process writes its shards of live device arrays: synchronous.
-            arrays = training_state.live_values(variables)
-            record = self._record(epoch, batch, at_epoch_end, variables)
-            began = time.perf_counter()
-            path = self._store.write_collective(record, arrays, self._coordinator, self.timeout)
-            self.stats.add_commit(training_state.nbytes(arrays), time.perf_counter() - began)
-            logger.debug(
-                "committed epoch %d, batch %d (step %d) to %s", epoch, batch, self._step, path
-            )
-            return
-        if self._coordinator.is_chief:
-            # At most one save in flight: its buffers are reused by this snapshot.
-            self._pipeline.wait(self.timeout)
-        snapshot = self._snapshotter.take(variables)
-        if not self._coordinator.is_chief:
-            return
-        record = self._record(epoch, batch, at_epoch_end, variables)
-
-        def write(arrays: dict[str, Any]) -> str:
-            path = self._store.write(record, arrays)
-            logger.debug(
-                "committed epoch %d, batch %d (step %d) to %s", epoch, batch, record.step, path
-            )
-            return path
-
-        background = self.async_save
-        if background is None:
-            background = snapshot.nbytes >= ASYNC_THRESHOLD_BYTES
-        self._pipeline.run(self._step, snapshot, write, self.stats, background, self.timeout)
-
-    def _record(
-        self, epoch: int, batch: int, at_epoch_end: bool, variables: dict[str, list[Any]]
-    ) -> BackupRecord:
-        assert self._input is not None
-        position, rng, input_iteration = self._input.where(at_epoch_end)
-        return BackupRecord(
-            epoch=epoch,
-            batch=batch,
-            step=self._step,
-            data_position=position,
-            backend=keras.backend.backend(),
-            num_processes=self._coordinator.num_processes,
-            written_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            variables=training_state.manifest_to_json(training_state.manifest(variables)),
-            rng=rng,
-            input_iteration=input_iteration,
-        )
-
-    def _restore(self, path: str, record: BackupRecord) -> None:
-        model = self.model
-        assert self._input is not None
-        record = self._input.settle(record)
-        fit_loop.ensure_built(model, self._epoch_iterator)
-        variables = training_state.live_variables(model)
-        live = training_state.manifest(variables)
-        saved = training_state.manifest_from_json(record.variables)
-        training_state.check_compatible(saved, live, where=path)
-        target = training_state.restore_target(variables, saved)
-        arrays = self._store.read_arrays(path, target)
-        training_state.assign(variables["model"], arrays["model"])
-        training_state.assign(variables["optimizer"], arrays["optimizer"])
-        if (
-            record.batch
-            and training_state.first_mismatch(saved["metrics"], live["metrics"]) is None
-        ):
-            self._pending_metrics = list(arrays["metrics"])
+    def _apply_restored(self, restored: restore.Restored) -> None:
+        """Resume from what `restore.restore_newest_intact` loaded. Call on all processes."""
+        record = restored.record
+        self._pending_metrics = restored.pending_metrics
         self._step = self._last_saved_step = record.step
         self._resume = record
-        model._initial_epoch = record.epoch
+        self.model._initial_epoch = record.epoch
         self.restored = {
             "epoch": record.epoch,
             "batch": record.batch,
             "step": record.step,
-            "path": path,
+            "path": restored.path,
         }
-
-
-def _checked_max_to_keep(max_to_keep: Any) -> int:
-    if (
-        isinstance(max_to_keep, numbers.Integral)
-        and not isinstance(max_to_keep, bool)
-        and int(max_to_keep) >= 1
-    ):
-        return int(max_to_keep)
-    raise ValueError(
-        "Invalid value for argument `max_to_keep`. "
-        f"Received: max_to_keep={max_to_keep!r}. Expected a positive integer "
-        "(how many committed backups to keep)."
-    )
-
-
-def _check_save_freq(save_freq: Any, save_before_preemption: bool) -> None:
-    if save_freq is False:
-        if save_before_preemption:
-            return
-        raise ValueError(
-            "Invalid value for argument `save_freq`. Received: save_freq=False "
-            "with save_before_preemption=False, which would never save. Expected "
-            '"epoch" or a positive integer, or pass save_before_preemption=True to '
-            "save only when the job is preempted."
-        )
-    valid_int = (
-        isinstance(save_freq, numbers.Integral)
-        and not isinstance(save_freq, bool)
-        and int(save_freq) > 0
-    )
-    if not (valid_int or (isinstance(save_freq, str) and save_freq == "epoch")):
-        raise ValueError(
-            "Invalid value for argument `save_freq`. "
-            f"Received: save_freq={save_freq!r}. "
-            'Expected "epoch" (save at the end of each epoch), a positive integer '
-            "(save every that many batches), or False together with "
-            "save_before_preemption=True."
-        )

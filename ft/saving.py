@@ -1,0 +1,139 @@
+"""The save path of `ft.BackupAndRestore`: build, submit and wait for a backup's write.
+
+Call `save_now` on all processes at the same step: every worker takes the
+snapshot (reading a distributed variable can be a collective), and the chief
+alone writes it, unless every process writes its own shards (JAX multi-host).
+A background save's error is attached to the exception that ends `fit`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Any
+
+import keras
+
+import ft.strategies as strategies
+from ft import errors, report, save_pipeline, training_state
+from ft.input_state import InputState
+from ft.log import get_logger
+from ft.metadata import BackupRecord
+from ft.snapshot import Snapshotter
+from ft.store import BackupStore
+
+logger = get_logger()
+
+# States this large are saved in the background when `async_save=None`.
+ASYNC_THRESHOLD_BYTES = 32 << 20
+
+
+def save_now(
+    variables: dict[str, list[Any]],
+    *,
+    store: BackupStore,
+    coordinator: strategies.Coordinator,
+    pipeline: save_pipeline.SavePipeline,
+    snapshotter: Snapshotter,
+    input_state: InputState | None,
+    stats: report.SaveStats,
+    step: int,
+    epoch: int,
+    batch: int,
+    at_epoch_end: bool,
+    async_save: bool | None,
+    timeout: float,
+) -> None:
+    """Snapshot `variables` (the live state at `step`) and write or submit its backup.
+
+    Call on all processes.
+    """
+    if strategies.every_process_writes(coordinator):
+        # Every process writes its shards of live device arrays: synchronous.
+        arrays = training_state.live_values(variables)
+        record = build_record(input_state, coordinator, step, epoch, batch, at_epoch_end, variables)
+        began = time.perf_counter()
+        path = store.write_collective(record, arrays, coordinator, timeout)
+        stats.add_commit(training_state.nbytes(arrays), time.perf_counter() - began)
+        logger.debug("committed epoch %d, batch %d (step %d) to %s", epoch, batch, step, path)
+        return
+    if coordinator.is_chief:
+        # At most one save in flight: its buffers are reused by this snapshot.
+        pipeline.wait(timeout)
+    snapshot = snapshotter.take(variables)
+    if not coordinator.is_chief:
+        return
+    record = build_record(input_state, coordinator, step, epoch, batch, at_epoch_end, variables)
+
+    def write(arrays: dict[str, Any]) -> str:
+        path = store.write(record, arrays)
+        logger.debug(
+            "committed epoch %d, batch %d (step %d) to %s", epoch, batch, record.step, path
+        )
+        return path
+
+    background = async_save
+    if background is None:
+        background = snapshot.nbytes >= ASYNC_THRESHOLD_BYTES
+    pipeline.run(step, snapshot, write, stats, background, timeout)
+
+
+def build_record(
+    input_state: InputState | None,
+    coordinator: strategies.Coordinator,
+    step: int,
+    epoch: int,
+    batch: int,
+    at_epoch_end: bool,
+    variables: dict[str, list[Any]],
+) -> BackupRecord:
+    """The JSON record of a backup at `step`: position, input order, variable manifest."""
+    assert input_state is not None
+    position, rng, input_iteration = input_state.where(at_epoch_end)
+    return BackupRecord(
+        epoch=epoch,
+        batch=batch,
+        step=step,
+        data_position=position,
+        backend=keras.backend.backend(),
+        num_processes=coordinator.num_processes,
+        written_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        variables=training_state.manifest_to_json(training_state.manifest(variables)),
+        rng=rng,
+        input_iteration=input_iteration,
+    )
+
+
+def wait_for_earlier_fit(pipeline: save_pipeline.SavePipeline, timeout: float) -> None:
+    """Wait for a save that an earlier `fit` of this `backup_dir` left in flight."""
+    try:
+        pipeline.wait(timeout)
+    except errors.SaveTimeoutError:
+        raise
+    except BaseException as e:
+        # That fit ended with an exception of its own; this error was logged
+        # when it happened. Its backup is lost, the one before it is intact.
+        logger.warning(
+            "the backup left in flight by an earlier fit failed (%s: %s); "
+            "continuing from the newest committed backup",
+            type(e).__name__,
+            e,
+        )
+
+
+def attach_background_error(
+    pipeline: save_pipeline.SavePipeline, ending: BaseException | None
+) -> None:
+    """Chain a background save's error to the exception that ends `fit`, never drop it.
+
+    A save still in flight logs its error when it fails instead.
+    """
+    error = pipeline.take_error()
+    if error is None or ending is None or error is ending:
+        if error is not None:
+            logger.error("a background save failed: %s: %s", type(error).__name__, error)
+        return
+    if ending.__context__ is None:
+        ending.__context__ = error
+    if hasattr(ending, "add_note"):  # Python 3.11+
+        ending.add_note(f"ft: a background save had failed too: {type(error).__name__}: {error}")
