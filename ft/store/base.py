@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from typing import Any, Protocol
 
+from ft import errors
 from ft.metadata import FILENAME as RECORD_NAME
 from ft.metadata import BackupRecord
 
@@ -129,6 +130,10 @@ class BackupStore(Protocol):
         """Its arrays shaped like `target`, checked as read, or `CheckpointCorruptedError`."""
         ...
 
+    def verify(self, path: str) -> BackupRecord:
+        """Check what can be checked without reading the arrays; return the record."""
+        ...
+
     def verify_all(self, path: str) -> BackupRecord:
         """Check everything, every array byte included; return the record."""
         ...
@@ -160,3 +165,33 @@ class BackupStore(Protocol):
     def close(self) -> None:
         """Release the store's resources (Orbax's checkpointer)."""
         ...
+
+
+def newest_intact(store: BackupStore, read_all: bool) -> tuple[str, BackupRecord] | None:
+    """`store.latest`, written once for every kind of store. Primary process only.
+
+    Each committed backup, newest first, is checked by `verify` (or `verify_all`
+    when `read_all`). Damaged backups newer than the newest intact one are set
+    aside (`set_aside`), so the next save of their step replaces them and they
+    never push an intact backup out of the `max_to_keep` kept. When none is
+    intact, nothing is set aside and the newest one's damage is raised.
+    """
+    damaged: list[tuple[str, errors.CheckpointCorruptedError]] = []
+    for path in store.committed():
+        try:
+            record = store.verify_all(path) if read_all else store.verify(path)
+        except errors.CheckpointCorruptedError as e:
+            damaged.append((path, e))
+            continue
+        for bad, why in damaged:
+            store.set_aside(bad, why)
+        return path, record
+    if damaged:
+        raise damaged[0][1]
+    return None
+
+
+def has_older(store: BackupStore, path: str) -> bool:
+    """`store.older_than`: whether a committed backup older than `path` exists."""
+    committed = store.committed()
+    return path in committed and committed.index(path) < len(committed) - 1

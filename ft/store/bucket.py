@@ -41,6 +41,7 @@ from ft.log import get_logger
 from ft.metadata import FILENAME as RECORD_NAME
 from ft.metadata import BackupRecord
 from ft.store import bucket_arrays, bucket_lease
+from ft.store.base import has_older, newest_intact
 from ft.store.bucket_lease import PREFIX as LEASE_PREFIX
 from ft.store.bucket_lease import Lease
 from ft.store.bucket_paths import BucketURL, filesystem
@@ -361,24 +362,11 @@ class BucketStore:
         Raises:
             CheckpointCorruptedError: when backups exist but none is intact.
         """
-        damaged: list[tuple[str, errors.CheckpointCorruptedError]] = []
-        for url in self.committed():
-            try:
-                record = self.verify_all(url) if read_all else self.verify(url)
-            except errors.CheckpointCorruptedError as e:
-                damaged.append((url, e))
-                continue
-            for bad, why in damaged:
-                self.set_aside(bad, why)
-            return url, record
-        if damaged:
-            raise damaged[0][1]
-        return None
+        return newest_intact(self, read_all)
 
     def older_than(self, path: str) -> bool:
         """Whether a committed backup older than `path` exists. Call on any process."""
-        committed = self.committed()
-        return path in committed and committed.index(path) < len(committed) - 1
+        return has_older(self, path)
 
     def read_record(self, path: str) -> BackupRecord:
         """The record of the backup at `path`, checked against its marker."""

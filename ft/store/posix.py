@@ -56,6 +56,8 @@ from ft.store.base import (
     committed_name,
     committed_step,
     ft_owned,
+    has_older,
+    newest_intact,
 )
 
 logger = logging.getLogger("ft")
@@ -292,24 +294,11 @@ class PosixStore:
         Raises:
             CheckpointCorruptedError: when backups exist but none is intact.
         """
-        damaged: list[tuple[str, errors.CheckpointCorruptedError]] = []
-        for path in self.committed():
-            try:
-                record = self.verify_all(path) if read_all else self.verify(path)
-            except errors.CheckpointCorruptedError as e:
-                damaged.append((path, e))
-                continue
-            for bad, why in damaged:
-                self.set_aside(bad, why)
-            return path, record
-        if damaged:
-            raise damaged[0][1]
-        return None
+        return newest_intact(self, read_all)
 
     def older_than(self, path: str) -> bool:
         """Whether a committed backup older than `path` exists. Call on any process."""
-        committed = self.committed()
-        return path in committed and committed.index(path) < len(committed) - 1
+        return has_older(self, path)
 
     def read_record(self, path: str) -> BackupRecord:
         """The record of the backup in `path`, without checking its data files."""
