@@ -65,6 +65,13 @@ def variables(environment: str, index: int, port: int, job_id: int) -> dict[str,
             "NUM_PROCESSES": "2",
             "PROCESS_ID": str(index),
         }
+    if environment == "kubeflow-trainer":  # Kubeflow Trainer's JAX runtime
+        return {
+            "JAX_COORDINATOR_ADDRESS": "localhost",
+            "JAX_COORDINATOR_PORT": str(port),
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(index),
+        }
     assert environment == "keras"
     return {
         "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"localhost:{port},localhost:{port + 1}",
@@ -88,6 +95,7 @@ def _env(backend: str, cluster: dict[str, str], index: int) -> dict[str, str]:
         ("slurm", "tensorflow"),
         ("slurm", "jax"),
         ("kubeflow", "jax"),  # under TensorFlow only a local simulation: unit-tested
+        ("kubeflow-trainer", "jax"),
         ("keras", "jax"),
         ("keras", "tensorflow"),
     ],
