@@ -102,7 +102,9 @@ def test_sigkill_inside_a_save_keeps_the_previous_backup(
 
 
 @pytest.mark.parametrize(
-    ("backend", "bucket"), [("tensorflow", "s3"), ("jax", "gs")], indirect=["bucket"]
+    ("backend", "bucket"),
+    [("tensorflow", "s3"), ("jax", "gs"), ("jax", "s3"), ("tensorflow", "gs")],
+    indirect=["bucket"],
 )
 def test_two_workers_killed_and_restarted_resume_exactly_from_the_bucket(
     backend: str, bucket, references: helpers.References, tmp_path: Path
