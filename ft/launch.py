@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import portpicker
 
 from ft import errors
+from ft.preemption import SIGTERM_FILE_ENV
 
 # A worker that outlives SIGKILL by this long is stuck in the kernel.
 KILL_WAIT_SECONDS = 30.0
@@ -50,7 +51,6 @@ ENGINE_NOISE = re.compile(
     r"|To enable the following instructions: .* rebuild TensorFlow"
     r"|\[Gloo\] Rank \d+ is connected to \d+ peer ranks)"
 )
-SIGTERM_FILE_ENV = "FT_SIGTERM_FILE"
 
 HELP_EPILOG = f"""\
 This runs every worker on this machine. On a cluster, start one process per

@@ -27,7 +27,9 @@ engine error) is raised from the next step boundary, never dropped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -38,6 +40,9 @@ from ft import errors
 logger = logging.getLogger("ft")
 
 PREEMPTED_EXIT_CODE = 42
+# A file ft creates when this worker gets SIGTERM; python -m ft.launch sets it per worker
+# to name the preempted worker.
+SIGTERM_FILE_ENV = "FT_SIGTERM_FILE"
 # How often a listener looks for the local signal while it waits for a peer's.
 _POLL_SECONDS = 0.2
 
@@ -136,6 +141,10 @@ class PreemptionWatch:
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._signalled.set()
+        marker = os.environ.get(SIGTERM_FILE_ENV)  # set by python -m ft.launch
+        if marker:  # tells the launcher which worker was preempted
+            with contextlib.suppress(OSError):
+                open(marker, "w").close()
 
     def _listen(self) -> None:
         from ft.strategies import translate_engine_errors

@@ -57,6 +57,22 @@ def test_one_process_saves_at_the_next_boundary_and_restores_the_handler() -> No
     assert ft.PREEMPTED_EXIT_CODE == 42
 
 
+def test_sigterm_creates_the_launchers_marker_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # python -m ft.launch names the preempted worker from this file.
+    marker = tmp_path / "sigterm.1"
+    monkeypatch.setenv("FT_SIGTERM_FILE", str(marker))
+    watch = PreemptionWatch(ft.strategies.SingleProcess(), "preempt", timeout=5)
+    watch.install(step=0)
+    try:
+        assert not marker.exists()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watch.signalled and marker.exists()
+    finally:
+        watch.uninstall()
+
+
 def test_a_failed_agreement_is_an_error_not_silence() -> None:
     watch = PreemptionWatch(_FailingCoordinator(), "preempt", timeout=5)
     watch.install(step=10)
