@@ -31,29 +31,26 @@ from __future__ import annotations
 import json
 import re
 import uuid
-import zlib
 from typing import Any
 
 import numpy as np
 
 from ft import errors
 from ft.log import get_logger
-from ft.metadata import FILENAME as RECORD_NAME
 from ft.metadata import BackupRecord
-from ft.store import bucket_arrays, bucket_lease
+from ft.store import bucket_arrays, bucket_lease, bucket_record
 from ft.store.base import has_older, newest_intact
 from ft.store.bucket_lease import PREFIX as LEASE_PREFIX
 from ft.store.bucket_lease import Lease
 from ft.store.bucket_paths import BucketURL, filesystem
+from ft.store.bucket_record import MARKER
 
 logger = get_logger()
 
 PREFIX = "ft-step-"
-MARKER = "ft-commit.json"
 DAMAGED = "ft-damaged.json"
 PROBE_PREFIX = ".ft-probe-"
 _COMMITTED = re.compile(r"^ft-step-(\d+)$")
-_MARKER_FORMAT = "ft-commit"
 _DAMAGE_STATUSES = (
     "DATA_LOSS",
     "OUT_OF_RANGE",
@@ -245,46 +242,17 @@ class BucketStore:
     def _commit(self, name: str, record: BackupRecord, arrays: Any) -> None:
         """Check the listing, write the record, then the marker. Primary process only."""
         objects = self._objects(name)
-        expected = _expected_objects(arrays)
-        missing = sorted(expected - objects.keys())
+        missing = sorted(bucket_arrays.expected_objects(arrays) - objects.keys())
         if missing:
             raise errors.CheckpointCorruptedError(
                 f"The save of {self._url(name)} is incomplete: {len(missing)} array "
                 f"object(s) were not found after every process wrote, first {missing[0]}. "
                 "It was not committed; the previous backup stays the newest."
             )
-        small = [key for key in objects if key.endswith("zarr.json")]
-        sums = self._crc32s(name, small)
-        record.files = {
-            key: {"size": size, "crc32": sums[key]}
-            if key in sums
-            else {
-                "size": size,
-                "chunk_crc32c": 1,
-            }
-            for key, size in sorted(objects.items())
-            if key not in (RECORD_NAME, MARKER)
-        }
-        body = record.to_json().encode()
-        self.fs.pipe_file(self.location.fs_path(name, RECORD_NAME), body)
-        if self._lease is not None:
-            self._lease.check()
-        marker = {
-            "format": _MARKER_FORMAT,
-            "version": 1,
-            "record": {"size": len(body), "crc32": zlib.crc32(body)},
-        }
-        self.fs.pipe_file(self.location.fs_path(name, MARKER), json.dumps(marker).encode())
+        lease_check = self._lease.check if self._lease is not None else (lambda: None)
+        bucket_record.write(self.fs, self.location, name, record, objects, lease_check)
         for older in self.committed()[self.max_to_keep :]:
             self._remove(self._name(older))
-
-    def _crc32s(self, name: str, keys: list[str]) -> dict[str, int]:
-        """CRC32 of the objects `keys` of backup `name`, fetched concurrently."""
-        if not keys:
-            return {}
-        paths = {self.location.fs_path(name, key): key for key in keys}
-        data = self.fs.cat(list(paths), on_error="raise")
-        return {paths[path]: zlib.crc32(body) for path, body in data.items()}
 
     def set_aside(self, path: str, reason: Exception) -> str:
         """Take the damaged backup at `path` out of the committed ones. Primary process only.
@@ -369,27 +337,11 @@ class BucketStore:
         return has_older(self, path)
 
     def read_record(self, path: str) -> BackupRecord:
-        """The record of the backup at `path`, checked against its marker."""
-        name = self._name(path)
-        # A missing or unparsable object is damage; any other error (the network,
-        # credentials) is raised as it is, and never takes a backup out of use.
+        """The record of the backup at `path`, checked against its marker. Any process."""
         try:
-            marker = json.loads(self.fs.cat_file(self.location.fs_path(name, MARKER)))
-            expected = marker["record"]
-        except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
-            raise self._corrupted(path, MARKER, f"its commit marker cannot be read ({e})") from e
-        try:
-            body = self.fs.cat_file(self.location.fs_path(name, RECORD_NAME))
-        except FileNotFoundError as e:
-            raise self._corrupted(path, RECORD_NAME, f"its record cannot be read ({e})") from e
-        if len(body) != expected.get("size") or zlib.crc32(body) != expected.get("crc32"):
-            raise self._corrupted(
-                path, RECORD_NAME, "its size or checksum does not match the commit marker"
-            )
-        try:
-            return BackupRecord.from_json(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise self._corrupted(path, RECORD_NAME, f"its record cannot be read ({e})") from e
+            return bucket_record.read(self.fs, self.location, self._name(path))
+        except bucket_record.Damage as e:
+            raise self._corrupted(path, e.key, e.why) from e
 
     def verify(self, path: str) -> BackupRecord:
         """Check the backup at `path` up to its chunk bytes; return its record.
@@ -404,21 +356,10 @@ class BucketStore:
         """
         record = self.read_record(path)
         name = self._name(path)
-        objects = self._objects(name)
-        for key, meta in sorted(record.files.items()):
-            if key not in objects:
-                raise self._corrupted(path, key, "the object is missing")
-            if objects[key] != meta.get("size"):
-                raise self._corrupted(
-                    path, key, f"it has {objects[key]} bytes, {meta.get('size')} were written"
-                )
-            if "crc32" not in meta and not meta.get("chunk_crc32c"):
-                raise self._corrupted(path, key, "its record holds no checksum for it")
-        summed = [key for key, meta in sorted(record.files.items()) if "crc32" in meta]
-        sums = self._crc32s(name, summed)
-        for key in summed:
-            if sums[key] != record.files[key]["crc32"]:
-                raise self._corrupted(path, key, "its checksum does not match")
+        try:
+            bucket_record.check_listing(self.fs, self.location, name, record, self._objects(name))
+        except bucket_record.Damage as e:
+            raise self._corrupted(path, e.key, e.why) from e
         return record
 
     def verify_all(self, path: str) -> BackupRecord:
@@ -479,17 +420,3 @@ class BucketStore:
 
     def close(self) -> None:
         self._context = None
-
-
-def _expected_objects(arrays: dict[str, list[Any]]) -> set[str]:
-    """Every object `bucket_arrays` writes for `arrays`: metadata and each chunk."""
-    out = set()
-    for group, index, value in bucket_arrays._items(arrays):
-        base = f"{bucket_arrays.ARRAYS}/{group}/{index}"
-        out.add(f"{base}/zarr.json")
-        shape = [int(d) for d in value.shape]
-        chunks = bucket_arrays._chunk_shape(value)
-        grid = [-(-s // c) for s, c in zip(shape, chunks, strict=True)]
-        for position in np.ndindex(*grid) if grid else [()]:
-            out.add(f"{base}/c" + "".join(f"/{p}" for p in position))
-    return out

@@ -167,3 +167,17 @@ def read(
     for group, index, future in pending:
         out[group][index] = future.result()
     return out
+
+
+def expected_objects(arrays: dict[str, list[Any]]) -> set[str]:
+    """Every object `write_metadata` and `write_data` write for `arrays`."""
+    out = set()
+    for group, index, value in _items(arrays):
+        base = f"{ARRAYS}/{group}/{index}"
+        out.add(f"{base}/zarr.json")
+        shape = [int(d) for d in value.shape]
+        chunks = _chunk_shape(value)
+        grid = [-(-s // c) for s, c in zip(shape, chunks, strict=True)]
+        for position in np.ndindex(*grid) if grid else [()]:
+            out.add(f"{base}/c" + "".join(f"/{p}" for p in position))
+    return out
