@@ -4,24 +4,58 @@ Orbax writes and reads the arrays (a zarr3 array per variable in an OCDBT
 database, every chunk with a crc32c: `chunk_checksums`); TensorStore's drivers
 reach local paths and buckets alike, so a store passes only a path. Nothing
 here knows how a backup is committed.
+
+Two choices make this path cost what the bytes cost (measured on 2 cores,
+0.26 GB of state, `docs/benchmark.md`):
+
+- Writes: Orbax's numpy handler copies every host array before writing it
+  (`deepcopy_host_arrays`), a guard against the caller changing them during
+  an asynchronous save. ft hands Orbax a private snapshot that nothing
+  changes until the synchronous save returns, so the checkpointer's handler
+  writes the arrays in place (a third less CPU per save).
+- Reads: when this process can hold every array whole (host arrays, or JAX
+  arrays on devices it addresses), `read` opens the zarr3 arrays Orbax wrote
+  with TensorStore directly, all at once, and decodes each into a 64-byte
+  aligned host buffer that JAX (on the CPU) and TensorFlow take without
+  another copy; TensorStore checks every chunk's crc32c as it decodes it.
+  This skips Orbax's restore machinery and its extra copy (a third less CPU
+  per restore). JAX arrays sharded across processes are read by Orbax, which
+  reads each process's shards onto their live shardings.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ft.store import chunk_checksums
+
+# JAX's CPU client and TensorFlow use a host buffer in place from this alignment.
+_ALIGN = 64
 
 
 def new_checkpointer() -> Any:
     """A synchronous, uncompressed Orbax checkpointer for ft's array trees."""
     import orbax.checkpoint as ocp
 
+    handlers = ocp.type_handlers
+    # ft's snapshot is private and unchanged until save() returns: no copy of it.
+    registry = handlers.create_type_handler_registry(
+        *[
+            (ty, handlers.NumpyHandler(deepcopy_host_arrays=False))
+            if ty is np.ndarray
+            else (ty, handlers.get_type_handler(ty))
+            for ty in handlers.supported_types()
+        ]
+    )
     # Uncompressed: model state barely compresses, and zstd doubled the
     # write time of a 1 GB state on 2 cores (benchmarks/checkpoint_overhead.py).
     # Synchronous Orbax: ft already runs it off the training thread on a
     # private snapshot, and Orbax's async path would copy the state again.
-    handler = ocp.PyTreeCheckpointHandler(use_compression=False, use_zarr3=True)
+    handler = ocp.PyTreeCheckpointHandler(
+        use_compression=False, use_zarr3=True, type_handler_registry=registry
+    )
     return ocp.Checkpointer(handler)
 
 
@@ -29,7 +63,8 @@ def write(checkpointer: Any, directory: str, arrays: Any, owner: str) -> bool:
     """Write `arrays` to `directory`; True when every chunk got a crc32c.
 
     `owner` is the directory ft registered for the codec (Orbax writes under a
-    temporary name of its own inside it, then renames).
+    temporary name of its own inside it, then renames). Nothing may change
+    `arrays` until this returns (the checkpointer does not copy them).
     """
     import orbax.checkpoint as ocp
 
@@ -39,18 +74,90 @@ def write(checkpointer: Any, directory: str, arrays: Any, owner: str) -> bool:
 
 
 def read(checkpointer: Any, directory: str, target: Any) -> Any:
-    """Read the arrays in `directory` shaped like `target`, chunk checksums checked.
+    """Read the arrays in the local `directory` shaped like `target`, chunk checksums checked.
+
+    Directly through TensorStore when this process holds every array whole,
+    through Orbax otherwise (JAX arrays sharded across processes).
 
     Raises:
         ValueError or OSError: as TensorStore reports damage (`DATA_LOSS` for
-            a checksum mismatch, `OUT_OF_RANGE` for a short file).
+            a checksum mismatch, `OUT_OF_RANGE` for a short file, `NOT_FOUND`
+            for a missing array), or an array whose stored shape or dtype is
+            not the target's.
     """
+    import jax
     import orbax.checkpoint as ocp
 
+    leaves = jax.tree_util.tree_leaves(target)
+    if all(_held_whole(leaf) for leaf in leaves):
+        return _read_whole(directory, target)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     return checkpointer.restore(
         directory, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
     )
+
+
+def _held_whole(leaf: Any) -> bool:
+    sharding = getattr(leaf, "sharding", None)
+    return sharding is None or bool(getattr(sharding, "is_fully_addressable", False))
+
+
+def _read_whole(directory: str, target: Any) -> Any:
+    """Every array of the OCDBT checkpoint in `directory`, opened and read at once."""
+    import jax
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+
+    # Orbax's own names for the leaves, and its OCDBT node cache.
+    names, structure = jax.tree_util.tree_flatten(ocp.tree.get_param_names(target))
+    wants = jax.tree_util.tree_leaves(target)
+    context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}})
+    base = {
+        "driver": "ocdbt",
+        "base": {"driver": "file", "path": directory.rstrip("/") + "/"},
+        "cache_pool": "cache_pool#ocdbt",
+    }
+    opens = [
+        ts.open(
+            {"driver": "zarr3", "kvstore": {**base, "path": f"{name}/"}}, open=True, context=context
+        )
+        for name in names
+    ]
+    buffers, copies = [], []
+    for name, want, opened in zip(names, wants, opens, strict=True):
+        stored = _opened(name, opened)
+        shape = tuple(int(d) for d in want.shape)
+        dtype = np.dtype(want.dtype)
+        if tuple(stored.shape) != shape or np.dtype(stored.dtype.numpy_dtype) != dtype:
+            raise ValueError(
+                f"array {name!r} is stored with shape {tuple(stored.shape)} and dtype "
+                f"{stored.dtype.numpy_dtype}, expected {shape} and {dtype}"
+            )
+        buffer = _aligned(shape, dtype)
+        copies.append((name, ts.array(buffer, copy=False, write=True).write(stored)))
+        buffers.append(buffer)
+    for name, copy in copies:
+        _opened(name, copy)
+    values = [
+        jax.device_put(buffer, want.sharding) if getattr(want, "sharding", None) else buffer
+        for buffer, want in zip(buffers, wants, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(structure, values)
+
+
+def _opened(name: str, future: Any) -> Any:
+    try:
+        return future.result()
+    except (OSError, ValueError) as e:
+        raise type(e)(f"array {name!r}: {e}") from e
+
+
+def _aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array whose data starts on a `_ALIGN`-byte boundary."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def read_every(kvstore: dict[str, Any]) -> None:
