@@ -25,6 +25,7 @@ Two choices make this path cost what the bytes cost (measured on 2 cores,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -73,11 +74,15 @@ def write(checkpointer: Any, directory: str, arrays: Any, owner: str) -> bool:
     return tracker.applied
 
 
-def read(checkpointer: Any, directory: str, target: Any) -> Any:
+def read(
+    checkpointer: Callable[[], Any], directory: str, target: dict[str, list[Any]]
+) -> dict[str, list[Any]]:
     """Read the arrays in the local `directory` shaped like `target`, chunk checksums checked.
 
     Directly through TensorStore when this process holds every array whole,
     through Orbax otherwise (JAX arrays sharded across processes).
+    `checkpointer` returns the store's Orbax checkpointer; it is called only
+    when Orbax reads, so a direct read never imports Orbax.
 
     Raises:
         ValueError or OSError: as TensorStore reports damage (`DATA_LOSS` for
@@ -85,32 +90,39 @@ def read(checkpointer: Any, directory: str, target: Any) -> Any:
             for a missing array), or an array whose stored shape or dtype is
             not the target's.
     """
-    import jax
+    if all(_held_whole(value) for values in target.values() for value in values):
+        out = _read_whole(directory, target)
+        if out is not None:
+            return out
     import orbax.checkpoint as ocp
 
-    leaves = jax.tree_util.tree_leaves(target)
-    if all(_held_whole(leaf) for leaf in leaves):
-        return _read_whole(directory, target)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    return checkpointer.restore(
+    restored: dict[str, list[Any]] = checkpointer().restore(
         directory, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
     )
+    return restored
 
 
-def _held_whole(leaf: Any) -> bool:
-    sharding = getattr(leaf, "sharding", None)
+def orbax_name(group: str, index: int) -> str:
+    """Orbax's name for the array at `target[group][index]` (`ocp.tree.get_param_names`)."""
+    return f"{group}.{index}"
+
+
+def _held_whole(value: Any) -> bool:
+    sharding = getattr(value, "sharding", None)
     return sharding is None or bool(getattr(sharding, "is_fully_addressable", False))
 
 
-def _read_whole(directory: str, target: Any) -> Any:
-    """Every array of the OCDBT checkpoint in `directory`, opened and read at once."""
-    import jax
-    import orbax.checkpoint as ocp
+def _read_whole(directory: str, target: dict[str, list[Any]]) -> dict[str, list[Any]] | None:
+    """Every array of the OCDBT checkpoint in `directory`, opened and read at once.
+
+    None when an array is not where Orbax names it (another Orbax's layout,
+    or damage): Orbax then reads, or reports the damage.
+    """
     import tensorstore as ts
 
-    # Orbax's own names for the leaves, and its OCDBT node cache.
-    names, structure = jax.tree_util.tree_flatten(ocp.tree.get_param_names(target))
-    wants = jax.tree_util.tree_leaves(target)
+    items = [(group, index, want) for group in target for index, want in enumerate(target[group])]
+    # Orbax's cache for OCDBT's B-tree nodes, shared by every array.
     context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}})
     base = {
         "driver": "ocdbt",
@@ -119,13 +131,21 @@ def _read_whole(directory: str, target: Any) -> Any:
     }
     opens = [
         ts.open(
-            {"driver": "zarr3", "kvstore": {**base, "path": f"{name}/"}}, open=True, context=context
+            {"driver": "zarr3", "kvstore": {**base, "path": orbax_name(group, index) + "/"}},
+            open=True,
+            context=context,
         )
-        for name in names
+        for group, index, _ in items
     ]
     buffers, copies = [], []
-    for name, want, opened in zip(names, wants, opens, strict=True):
-        stored = _opened(name, opened)
+    for (group, index, want), opened in zip(items, opens, strict=True):
+        name = orbax_name(group, index)
+        try:
+            stored = opened.result()
+        except ValueError as e:
+            if "NOT_FOUND" in str(e):
+                return None
+            raise type(e)(f"array {name!r}: {e}") from e
         shape = tuple(int(d) for d in want.shape)
         dtype = np.dtype(want.dtype)
         if tuple(stored.shape) != shape or np.dtype(stored.dtype.numpy_dtype) != dtype:
@@ -133,16 +153,22 @@ def _read_whole(directory: str, target: Any) -> Any:
                 f"array {name!r} is stored with shape {tuple(stored.shape)} and dtype "
                 f"{stored.dtype.numpy_dtype}, expected {shape} and {dtype}"
             )
+        # Decoded straight into an aligned buffer; the chunk crc32c is checked on the way.
         buffer = _aligned(shape, dtype)
         copies.append((name, ts.array(buffer, copy=False, write=True).write(stored)))
         buffers.append(buffer)
     for name, copy in copies:
         _opened(name, copy)
-    values = [
-        jax.device_put(buffer, want.sharding) if getattr(want, "sharding", None) else buffer
-        for buffer, want in zip(buffers, wants, strict=True)
-    ]
-    return jax.tree_util.tree_unflatten(structure, values)
+    out: dict[str, list[Any]] = {group: [] for group in target}
+    for (group, _, want), buffer in zip(items, buffers, strict=True):
+        sharding = getattr(want, "sharding", None)
+        if sharding is not None:
+            import jax
+
+            out[group].append(jax.device_put(buffer, sharding))  # no copy on the CPU
+        else:
+            out[group].append(buffer)
+    return out
 
 
 def _opened(name: str, future: Any) -> Any:

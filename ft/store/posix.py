@@ -355,7 +355,7 @@ class PosixStore:
                 checksum, or a file is short or missing.
         """
         try:
-            return array_io.read(self._orbax(), os.path.join(path, ARRAYS), target)
+            return array_io.read(self._orbax, os.path.join(path, ARRAYS), target)
         except (OSError, ValueError) as e:
             # TensorStore reports a checksum mismatch as DATA_LOSS, a short
             # file as OUT_OF_RANGE, a missing one as NOT_FOUND (ValueError).
