@@ -32,12 +32,17 @@ if mode == "noisy":
     print("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR")
     print("I0000 00:00:1795661451.562046    7328 port.cc:153] oneDNN custom operations are on.")
     print("E0000 00:00:1795661451.562046    7328 worker.cc:1] a real engine error")
-if mode == "die-first" and index == 1:
-    print("last words", flush=True)
-    sys.exit(7)
-if mode == "die-first" and index == 0:
+if mode == "die-first":
+    # Worker 1 dies once worker 0 ignores SIGTERM (a file beside the launcher's markers).
+    ignoring = os.path.join(os.path.dirname(os.environ["FT_SIGTERM_FILE"]), "ignoring")
+    if index == 1:
+        while not os.path.exists(ignoring):
+            time.sleep(0.01)
+        print("last words", flush=True)
+        sys.exit(7)
     import signal
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open(ignoring, "w").close()
     time.sleep(600)
 if mode == "preempt-1" and restart == 0:
     mine = os.environ["FT_SIGTERM_FILE"]
