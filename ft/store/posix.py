@@ -330,8 +330,8 @@ class PosixStore:
     def verify_all(self, path: str) -> BackupRecord:
         """`verify`, then read every array, checking each chunk's crc32c. Any process.
 
-        Reads through TensorStore directly, one array at a time (its chunks
-        in parallel), with no Orbax call: Orbax's restore is a collective under
+        Reads through TensorStore directly, several arrays at a time (their
+        chunks in parallel), with no Orbax call: Orbax's restore is a collective under
         JAX multi-host, and this runs on the chief alone. For
         `python -m ft inspect`, the chief of a multi-process restore, and a
         save of a step that is already committed.
