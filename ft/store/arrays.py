@@ -192,15 +192,16 @@ def _read_whole(directory: str, target: dict[str, list[Any]]) -> dict[str, list[
         buffer = _aligned(shape, dtype)
         copies.append((name, ts.array(buffer, copy=False, write=True).write(stored)))
         buffers.append(buffer)
-    for name, copy in copies:
-        _opened(name, copy)
     out: dict[str, list[Any]] = {group: [] for group in target}
-    for (group, _, want), buffer in zip(items, buffers, strict=True):
+    for (group, _, want), (name, copy), buffer in zip(items, copies, buffers, strict=True):
+        _opened(name, copy)
         sharding = getattr(want, "sharding", None)
         if sharding is not None:
             import jax
 
-            out[group].append(jax.device_put(buffer, sharding))  # no copy on the CPU
+            # Dispatched as each read lands, so transfers to an accelerator
+            # overlap the reads still running; on the CPU it takes the buffer as is.
+            out[group].append(jax.device_put(buffer, sharding))
         else:
             out[group].append(buffer)
     return out
