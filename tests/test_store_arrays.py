@@ -100,3 +100,39 @@ def test_arrays_not_where_orbax_names_them_are_read_by_orbax(
         for saved, got in zip(values, out[group], strict=True):
             np.testing.assert_array_equal(got, saved)
     store.close()
+
+
+def test_a_save_neither_copies_the_snapshot_nor_encodes_on_every_core(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import copy
+
+    arrays = {"model": [np.arange(1000, dtype="float32"), np.ones((20, 30), "float32")]}
+    copied: list[Any] = []
+    deepcopy = copy.deepcopy
+
+    def spy_deepcopy(value: Any, *args: Any) -> Any:
+        if any(value is a for a in arrays["model"]):
+            copied.append(value)
+        return deepcopy(value, *args)
+
+    contexts: list[dict[str, Any]] = []
+    serialize = ocp.type_handlers.NumpyHandler.serialize
+
+    async def spy_serialize(self: Any, values: Any, infos: Any, args: Any = None) -> Any:
+        contexts.append(infos[0].ts_context.spec.to_json())
+        return await serialize(self, values, infos, args)
+
+    monkeypatch.setattr(copy, "deepcopy", spy_deepcopy)
+    monkeypatch.setattr(ocp.type_handlers.NumpyHandler, "serialize", spy_serialize)
+    store = PosixStore(tmp_path)
+    store.prepare()
+    path = store.write(BackupRecord(0, 1, 1, 1, "jax", 1, "now", {"model": []}), arrays)
+    assert copied == []
+    assert contexts and all(
+        c["data_copy_concurrency"] == {"limit": array_io.encoding_threads()} for c in contexts
+    )
+    target = {"model": [np.zeros_like(a) for a in arrays["model"]]}
+    for saved, got in zip(arrays["model"], store.read_arrays(path, target)["model"], strict=True):
+        np.testing.assert_array_equal(got, saved)
+    store.close()

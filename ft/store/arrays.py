@@ -86,10 +86,14 @@ def _snapshot_handler() -> Any:
         async def serialize(self, values: Any, infos: Any, args: Any = None) -> Any:
             # The save runs beside training: its chunks are encoded (copied and
             # checksummed) by at most `encoding_threads()` threads, not one per core.
-            context = ocp.type_handlers.get_ts_context(
-                use_ocdbt=True, data_copy_concurrency_limit=encoding_threads()
-            )
-            infos = [info.replace(ts_context=context) for info in infos]
+            # Orbax's context for this save (its caches, I/O limits), plus that limit.
+            if infos and infos[0].ts_context is not None:
+                import tensorstore as ts
+
+                spec = infos[0].ts_context.spec.to_json()
+                spec["data_copy_concurrency"] = {"limit": encoding_threads()}
+                context = ts.Context(spec)
+                infos = [info.replace(ts_context=context) for info in infos]
             return await super().serialize(values, infos, args)
 
     return SnapshotHandler()
