@@ -136,3 +136,46 @@ def test_a_save_neither_copies_the_snapshot_nor_encodes_on_every_core(
     for saved, got in zip(arrays["model"], store.read_arrays(path, target)["model"], strict=True):
         np.testing.assert_array_equal(got, saved)
     store.close()
+
+
+SHARDED_READ = """
+import sys
+import numpy as np, jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ft.metadata import BackupRecord
+from ft.store.posix import PosixStore
+assert len(jax.devices()) == 2
+store = PosixStore(sys.argv[1])
+store.prepare()
+a = np.arange(48, dtype=np.float32).reshape(8, 6)
+path = store.write(BackupRecord(0, 1, 1, 1, "jax", 1, "now", {"model": []}), {"model": [a, a * 2]})
+mesh = Mesh(np.array(jax.devices()), ("x",))
+shardings = [NamedSharding(mesh, P("x")), NamedSharding(mesh, P())]
+target = {"model": [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for s in shardings]}
+out = store.read_arrays(path, target)
+for got, want, sharding in zip(out["model"], [a, a * 2], shardings, strict=True):
+    assert got.sharding == sharding, got.sharding
+    np.testing.assert_array_equal(np.asarray(got), want)
+print("read", [[s.data.shape for s in got.addressable_shards] for got in out["model"]])
+"""
+
+
+def test_direct_read_places_arrays_on_shardings_across_devices(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", SHARDED_READ, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "read [[(4, 6), (4, 6)], [(8, 6), (8, 6)]]" in done.stdout
