@@ -20,6 +20,13 @@ pytest_plugins = ["ft.testing.pytest_plugin"]
 BACKENDS = ("tensorflow", "jax")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that run real processes first (a stable sort): under `-n auto` they start
+    at once and the quick ones fill in beside them, instead of one worker finishing
+    the long tail alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def references(tmp_path_factory: pytest.TempPathFactory):
     """`references(backend, *scenario_args)`: an uninterrupted 2-worker run's weights,

@@ -33,7 +33,9 @@ def _reference(backend: str, tmp_path: Path, *args: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("data", ["numpy", "numpy-shuffle", "tfdata"])
+# Unshuffled numpy is what fit's shuffle leaves out; every input kind resumes exactly
+# after an exception in tests/test_input_kinds.py.
+@pytest.mark.parametrize("data", ["numpy-shuffle", "tfdata"])
 def test_sigkill_mid_epoch_resumes_at_same_batch_with_same_weights(
     backend: str, data: str, tmp_path: Path
 ) -> None:
