@@ -161,13 +161,7 @@ def _read_whole(directory: str, target: dict[str, list[Any]]) -> dict[str, list[
     import tensorstore as ts
 
     items = [(group, index, want) for group in target for index, want in enumerate(target[group])]
-    # Orbax's cache for OCDBT's B-tree nodes, shared by every array.
-    context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}})
-    base = {
-        "driver": "ocdbt",
-        "base": {"driver": "file", "path": directory.rstrip("/") + "/"},
-        "cache_pool": "cache_pool#ocdbt",
-    }
+    context, base = _ocdbt({"driver": "file", "path": directory.rstrip("/") + "/"})
     opens = [
         ts.open(
             {"driver": "zarr3", "kvstore": {**base, "path": orbax_name(group, index) + "/"}},
@@ -211,6 +205,15 @@ def _read_whole(directory: str, target: dict[str, list[Any]]) -> dict[str, list[
     return out
 
 
+def _ocdbt(kvstore: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A context and the spec of the OCDBT database at `kvstore`, read with
+    Orbax's cache for its B-tree nodes, shared by every array opened in it."""
+    import tensorstore as ts
+
+    context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}})
+    return context, {"driver": "ocdbt", "base": kvstore, "cache_pool": "cache_pool#ocdbt"}
+
+
 def _opened(name: str, future: Any) -> Any:
     try:
         return future.result()
@@ -239,8 +242,7 @@ def read_every(kvstore: dict[str, Any]) -> None:
     """
     import tensorstore as ts
 
-    context = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}})
-    spec = {"driver": "ocdbt", "base": kvstore, "cache_pool": "cache_pool#ocdbt"}
+    context, spec = _ocdbt(kvstore)
     keys = ts.KvStore.open(spec, context=context).result().list().result()
     names = sorted({k.decode()[: -len("/zarr.json")] for k in keys if k.endswith(b"zarr.json")})
     opens = [
