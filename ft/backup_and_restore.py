@@ -122,10 +122,10 @@ class BackupAndRestore(keras.callbacks.Callback):
             commits each backup on a background thread while training goes
             on (training waits only for a copy of the state made where it
             lives: on the device for JAX on a GPU or TPU, a memcpy on the
-            CPU). At most one save is in flight: in a single process, a save
-            that comes due while the last one is still being written moves to
-            the first step after it commits (counted in `stats`), so training
-            never stalls; with several workers the chief waits. A background
+            CPU). At most one save is in flight: a save that comes due while
+            the last one is still being written moves to the first step after
+            it commits (counted in `stats`), so training never stalls; with
+            several workers the chief's write decides, for all of them. A background
             error surfaces at the next save or at the end of `fit`, and `fit`
             returns only once the last backup is committed. `False` saves
             synchronously. `None` (the default) goes to the background for
@@ -325,8 +325,22 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     # --------------------------------------------------------------- helpers
     def _must_move(self) -> bool:
-        """True when a due save moves to a later step: one is in flight, in one process."""
-        return self._coordinator.num_processes == 1 and self._pipeline.busy()
+        """True when a due save moves to a later step because one is still in flight.
+
+        Call on all processes at the same step. Only the chief's pipeline
+        writes, so the chief decides for every worker (a key in the engine's
+        store, once per step while a save is due): all of them save at the
+        same later step, and none waits for the write. Where every process
+        writes its own shards (JAX multi-host) saves are synchronous and
+        never find one in flight.
+        """
+        coordinator = self._coordinator
+        if coordinator.num_processes == 1:
+            return self._pipeline.busy()
+        if strategies.every_process_writes(coordinator):
+            return False
+        busy = ("1" if self._pipeline.busy() else "0") if coordinator.is_chief else None
+        return coordinator.decide("move-save", busy, self.timeout) == "1"
 
     def _position(self, done: int, fit_ended: bool = False) -> tuple[int, int, bool]:
         """Epoch, batch and end-of-epoch flag of a save after `done` batches of this epoch."""

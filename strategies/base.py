@@ -6,6 +6,7 @@ who am I, how many are we, who writes, wait for everyone, share a small value.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -71,6 +72,16 @@ class Coordinator(Protocol):
         """The chief's `value` (a short string), on every process. Call on all processes."""
         ...
 
+    def decide(self, name: str, value: str | None, timeout: float) -> str:
+        """`broadcast` for a decision taken again and again (once per training step).
+
+        Call on all processes, with a training step (whose collective joins
+        every process) between two calls: the chief then deletes the value
+        of the call before the previous one, which every process has read,
+        so the engine's store does not grow with the steps.
+        """
+        ...
+
     def publish(self, name: str, value: str) -> None:
         """Store `value` under `name` unless a value is already there. Any process."""
         ...
@@ -102,6 +113,9 @@ class SingleProcess:
             raise ValueError("the chief must broadcast a value")
         return value
 
+    def decide(self, name: str, value: str | None, timeout: float) -> str:
+        return self.broadcast(name, value, timeout)
+
     def publish(self, name: str, value: str) -> None:
         self._values.setdefault(name, value)
 
@@ -123,6 +137,8 @@ class KeyValueCoordinator:
         self._count = num_processes
         self._ids = itertools.count()
         self._generation = 0
+        # The keys of the chief's last two `decide` calls, per name.
+        self._decided: dict[str, collections.deque[str]] = {}
 
     @property
     def process_index(self) -> int:
@@ -147,6 +163,10 @@ class KeyValueCoordinator:
         """The value of `key`, waiting for it; raise on timeout."""
         raise NotImplementedError
 
+    def _delete(self, key: str) -> None:
+        """Remove `key`; nothing if it is not there."""
+        raise NotImplementedError
+
     # The fits this process began; a class attribute so that tests running
     # "processes" as threads can give each its own.
     _fits_begun = _fits_begun
@@ -154,6 +174,7 @@ class KeyValueCoordinator:
     def begin(self, timeout: float) -> int:
         generation = next(self._fits_begun)
         self._generation, self._ids = generation, itertools.count()
+        self._decided = {}
         deadline = time.monotonic() + timeout
         with translate_engine_errors(f"beginning fit number {generation}", timeout):
             self._set(self._key(f"begin/{self._index}"), str(os.getpid()))
@@ -194,6 +215,21 @@ class KeyValueCoordinator:
                 self._set(key, value)
                 return value
             return self._get(key, int(timeout * 1000))
+
+    def decide(self, name: str, value: str | None, timeout: float) -> str:
+        key = self._key(f"{name}/{next(self._ids)}")
+        with translate_engine_errors(f"decision {name!r}", timeout):
+            if not self.is_chief:
+                return self._get(key, int(timeout * 1000))
+            if value is None:
+                raise ValueError("the chief must broadcast a value")
+            self._set(key, value)
+            earlier = self._decided.setdefault(name, collections.deque())
+            earlier.append(key)
+            if len(earlier) > 2:
+                # Read by every process: a training step ran since it was set.
+                self._delete(earlier.popleft())
+            return value
 
     def publish(self, name: str, value: str) -> None:
         try:

@@ -132,3 +132,6 @@ class JaxCoordinator(KeyValueCoordinator):
 
     def _get(self, key: str, timeout_ms: int) -> str:
         return str(self._client.blocking_key_value_get(key, timeout_ms))
+
+    def _delete(self, key: str) -> None:
+        self._client.key_value_delete(key)

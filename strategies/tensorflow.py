@@ -128,3 +128,8 @@ class TFCoordinator(KeyValueCoordinator):
         from tensorflow.python.eager import context
 
         return str(context.context().get_config_key_value(key, timeout_ms))
+
+    def _delete(self, key: str) -> None:
+        from tensorflow.python.eager import context
+
+        context.context().delete_config_key_value(key)

@@ -102,6 +102,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--save-before-preemption", action="store_true")
     parser.add_argument("--async-save", action="store_true", help="async_save=True")
+    parser.add_argument(
+        "--slow-writes", type=float, help="every backup write takes this much longer"
+    )
     parser.add_argument("--heartbeat", type=float, help="ft.strategies.auto(heartbeat_timeout=)")
     parser.add_argument("--sigstop-at-step", type=int, help="SIGSTOP itself there")
     parser.add_argument("--stall-at-step", type=int, help="sleep 120 s there, alive")
@@ -187,6 +190,8 @@ def main() -> None:
         callbacks.append(backup)
         if args.kill_during_save:
             _kill_inside_save(backup, args.kill_during_save)
+        if args.slow_writes:
+            _slow_writes(backup, args.slow_writes)
     recorder = Recorder(args)
     callbacks.append(recorder)
     callbacks.extend(_faults(args, index))
@@ -220,6 +225,8 @@ def main() -> None:
         "backup_dir_exists": bool(args.backup_dir) and _exists(args.backup_dir),
         # the processes this one trained with, as ft's callback saw them
         "num_processes": backup._coordinator.num_processes if backup else None,
+        "moved": [backup.stats.moved_saves, backup.stats.moved_steps] if backup else None,
+        "commits": backup.stats.commits if backup else None,
     }
     kernel = model.layers[0].kernel
     if hasattr(kernel.value, "sharding"):
@@ -306,6 +313,18 @@ def _forbid_store_writes() -> None:
         setattr(CheckpointStore, name, refuse(name))
     for name in ("prepare", "lock", "remove_partial", "write", "_commit", "delete", "_remove"):
         setattr(BucketStore, name, refuse(name))
+
+
+def _slow_writes(backup: ft.BackupAndRestore, seconds: float) -> None:
+    """Every backup this process writes takes `seconds` longer (a slow store)."""
+    store = backup._store
+    write = store.write
+
+    def slow_write(record, arrays):
+        time.sleep(seconds)
+        return write(record, arrays)
+
+    store.write = slow_write  # type: ignore[method-assign]
 
 
 def _kill_inside_save(backup: ft.BackupAndRestore, nth: int) -> None:

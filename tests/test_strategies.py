@@ -86,6 +86,10 @@ class _ThreadCoordinator(KeyValueCoordinator):
                 raise RuntimeError(f"DEADLINE_EXCEEDED: {key}")
             return self.store.values[key]
 
+    def _delete(self, key: str) -> None:
+        with self.store.cond:
+            self.store.values.pop(key, None)
+
     def _wait_at_barrier(self, barrier_id: str, timeout_ms: int) -> None:
         with self.store.cond:
             if self.store.arrived.get(barrier_id, 0) >= self.store.count:
@@ -120,6 +124,32 @@ def test_names_are_unique_per_fit_so_a_second_fit_works() -> None:
     assert results == {0: ["first", "second"], 1: ["first", "second"]}
     generations = {key.split("/")[1] for key in store.values}
     assert len(generations) == 2, sorted(store.values)
+
+
+def _decide_each_step(coordinator: _ThreadCoordinator, results: dict) -> None:
+    coordinator.begin(5.0)
+    seen = []
+    for step in range(6):
+        busy = str(step % 2) if coordinator.is_chief else None
+        seen.append(coordinator.decide("move-save", busy, 5.0))
+        coordinator.barrier("step", 5.0)  # the training step's collective
+    results[coordinator.process_index] = seen
+
+
+def test_a_decision_per_step_reaches_every_process_and_old_ones_are_deleted() -> None:
+    store, results = _Store(2), {}
+    threads = [
+        threading.Thread(target=_decide_each_step, args=(_ThreadCoordinator(store, i), results))
+        for i in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    expected = ["0", "1", "0", "1", "0", "1"]
+    assert results == {0: expected, 1: expected}
+    kept = sorted(key for key in store.values if "/move-save/" in key)
+    assert len(kept) == 2, kept  # the last two of six: the store does not grow per step
 
 
 def test_a_process_that_does_not_begin_the_same_fit_is_named() -> None:

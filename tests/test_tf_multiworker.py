@@ -65,6 +65,31 @@ def test_chief_killed_inside_a_save_group_resumes_exactly(reference: dict, tmp_p
     _check_resumed(tmp_path, reference, result)
 
 
+def test_saves_due_during_a_slow_write_move_on_every_worker_and_resume_exactly(
+    reference: dict, tmp_path: Path
+) -> None:
+    # Every write of the chief takes 0.5 s longer and a save comes due every 2
+    # steps: due saves move (the chief decides for both workers, neither
+    # waits), and the group, restarted after worker 1 is killed, resumes
+    # exactly from whatever step the chief committed last.
+    result = job(
+        tmp_path / "w{index}.npz",
+        *("--backup-dir", str(tmp_path / "b"), "--save-freq", "2", "--async-save"),
+        *("--slow-writes", "0.5", "--kill-at-step", "24", "--kill-worker", "1"),
+        max_restarts=1,
+    )
+    assert result.exit_code == 0, result.tail()
+    assert result.restarts == 1, result.launcher_lines
+    reports = [report(tmp_path / f"w{index}.npz") for index in (0, 1)]
+    resumed = [result.workers[index].resumed for index in (0, 1)]
+    assert resumed[0] is not None and resumed[0] == resumed[1], resumed
+    assert reports[0]["restored"] == reports[1]["restored"]
+    # The run after the restart: the same saves moved by the same steps on both.
+    assert reports[0]["moved"] == reports[1]["moved"] and reports[0]["moved"][0] >= 1, reports
+    for index in (0, 1):
+        assert_same_weights(reference, weights(tmp_path / f"w{index}.npz"))
+
+
 def test_only_the_chief_writes_into_backup_dir(tmp_path: Path) -> None:
     """On worker 1 every CheckpointStore method that writes exits the process."""
     result = job(
