@@ -40,8 +40,24 @@ def make_data() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def set_random_seed(seed: int) -> None:
+    """`keras.utils.set_random_seed`, without importing TensorFlow into a JAX
+    process that has not imported it: Keras imports TF only to seed it, which
+    costs every JAX worker of the suite 2-3 s of its start on 2 cores. Keras
+    then records TF as unavailable in this process, so a JAX run that feeds
+    `tf.data` must import TensorFlow first (`main` does)."""
+    if keras.backend.backend() != "jax" or "tensorflow" in sys.modules:
+        keras.utils.set_random_seed(seed)
+        return
+    sys.modules["tensorflow"] = None  # type: ignore[assignment]  # import fails: not seeded
+    try:
+        keras.utils.set_random_seed(seed)
+    finally:
+        del sys.modules["tensorflow"]
+
+
 def make_model(synchronized_bn: bool = False) -> keras.Model:
-    keras.utils.set_random_seed(1234)
+    set_random_seed(1234)
     model = keras.Sequential(
         [
             keras.layers.Dense(16, activation="relu"),
@@ -140,6 +156,8 @@ def main() -> None:
         _learn_preemption_late(2.0)
     if args.forbid_writes and index != 0:
         _forbid_store_writes()
+    if args.input in ("tfdata", "steps"):
+        import tensorflow  # noqa: F401  (before `set_random_seed`: it seeds TF then)
     x, y = make_data()
     batch_size = BATCH
     jax_processes = 1
