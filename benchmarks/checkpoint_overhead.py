@@ -6,7 +6,8 @@
 
 For each backend and model size (Dense stacks with Adam: the state is 3 x the
 parameters in float32), a child process (`overhead_harness.py`) runs in one
-process, on the same model and data: `fit` without callbacks, then with
+process, on the same model and data, `fit` with each of these, right after a
+`fit` without callbacks (its baseline), in an order that rotates per repeat:
 
 - the raw floor: a minimal callback that copies the state once on the training
   thread and writes its raw bytes, fsyncs and renames on a background thread;
@@ -17,7 +18,7 @@ in two modes: saves spaced further apart than a save's background work takes
 (estimated from the limits below), and saves closer than that (`--close-every`
 steps, default: a third of that estimate). Per save it reports the time the
 training thread was blocked (measured inside `fit`, around the callback's hooks),
-the total time added to `fit` (against the baseline, the wait at the end
+the total time added to `fit` (against its baseline, the wait at the end
 included), and the background pipeline's time; against the same bytes' limits:
 one device-to-device copy, device-to-host copy (pageable and page-locked),
 memcpy, write + fsync, cold read. Restore time (the callback's `on_train_begin`

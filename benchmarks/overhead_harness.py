@@ -2,8 +2,9 @@
 
 Every callback runs in the same process on the same model and data:
 
-- `fit` without callbacks (the baseline), then with the raw floor, `ft.BackupAndRestore`,
-  `keras.callbacks.BackupAndRestore` and `keras.callbacks.OrbaxCheckpoint`;
+- `fit` with the raw floor, `ft.BackupAndRestore`, `keras.callbacks.BackupAndRestore`
+  and `keras.callbacks.OrbaxCheckpoint`, each right after a `fit` without callbacks (its
+  baseline: the machine's load drifts), in an order that rotates from repeat to repeat;
 - each callback is wrapped in `Timed`, which measures, inside `fit`, the time the training
   thread spends in the callback's hooks (blocked), the wait at the end of `fit`, and the
   restore at the start of `fit`;
@@ -340,8 +341,6 @@ def run(size: str, saves: int, close_every: int | None, repeats: int) -> dict[st
         steps = (saves + 1) * every
         runs: dict[str, list[dict[str, Any]]] = {}
         for r in range(repeats):
-            base = fit(steps, [])
-            runs.setdefault("baseline", []).append({"fit": base})
             makers = {
                 "raw_floor": lambda d, e=every: raw_floor(d, e),
                 "ft": lambda d, e=every: ft.BackupAndRestore(d, save_freq=e, async_save=True),
@@ -352,13 +351,22 @@ def run(size: str, saves: int, close_every: int | None, repeats: int) -> dict[st
                     str(d), save_freq=e
                 ),
             }
-            for name, make in makers.items():
+            # Each callback's fit is paired with a fit without callbacks just
+            # before it (the machine's load drifts), in an order that rotates
+            # from repeat to repeat (no callback always runs first or last).
+            names = list(makers)
+            names = names[r % len(names) :] + names[: r % len(names)]
+            for name in names:
+                make = makers[name]
+                base = fit(steps, [])
+                runs.setdefault("baseline", []).append({"fit": base, "before": name})
                 d = work / f"{mode}-{name}-{r}"
                 inner = make(d)
                 timed = Timed(inner)
                 elapsed = fit(steps, [timed])
                 entry: dict[str, Any] = {
                     "fit": elapsed,
+                    "baseline_fit": base,
                     "added_per_save": (elapsed - base) / saves,
                     "blocked_per_save": timed.blocked / saves,
                     "end_wait": timed.end,
