@@ -97,9 +97,7 @@ def render(report: dict[str, Any]) -> str:
             counts = ", ".join(f"{n} {group}" for group, n in b["variables"].items())
             lines.append(f"    variables:  {counts or 'none'}")
         status = (
-            "intact (every file and every array chunk checksum verified)"
-            if b["intact"]
-            else "DAMAGED"
+            "intact (every file and every array checksum verified)" if b["intact"] else "DAMAGED"
         )
         lines.append(f"    status:     {status}")
         if b["problem"]:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT = "ft-backup"
-VERSION = 1
+VERSION = 2  # 2: `array_crc32c` and the files it covers ({"array_crc32c": 1})
+READS = (1, 2)  # versions this ft reads; a version-1 record has no `array_crc32c`
 FILENAME = "ft-backup.json"
 
 
@@ -34,9 +35,15 @@ class BackupRecord:
         input_iteration: How many input iterators the run had started before
             that one (it orders a `tf.data` input that reshuffles each
             iteration). Records written before ft recorded it read as 0.
-        files: Relative path -> {"size": bytes, "crc32": int} for every file,
-            or {"size": bytes, "chunk_crc32c": 1} for an OCDBT data file whose
-            array chunks carry a crc32c that TensorStore checks as it reads them.
+        files: Relative path -> {"size": bytes, "crc32": int} for every file;
+            for an OCDBT data file {"size": bytes, "array_crc32c": 1} when its
+            arrays' bytes are covered by `array_crc32c`, or {"size": bytes,
+            "chunk_crc32c": 1} when its array chunks carry a crc32c that
+            TensorStore checks as it reads them.
+        array_crc32c: Orbax's array name -> CRC-32C of the array's bytes, for a
+            backup written by a process that held every array whole
+            (`ft.store.array_checksums`); empty when the chunks carry the codec
+            instead (and in version-1 records).
         extra: Anything an engine adapter adds; kept as given.
     """
 
@@ -51,6 +58,7 @@ class BackupRecord:
     rng: dict[str, Any] | None = None
     input_iteration: int = 0
     files: dict[str, dict[str, int]] = field(default_factory=dict)
+    array_crc32c: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -65,10 +73,9 @@ class BackupRecord:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"not an {FORMAT} record")
         version = data.get("version")
-        if version != VERSION:
+        if version not in READS:
             raise ValueError(
-                f"record version {version!r}, this ft reads version {VERSION}: "
-                "upgrade ft to read it"
+                f"record version {version!r}, this ft reads versions {READS}: upgrade ft to read it"
             )
         try:
             return cls(
@@ -83,6 +90,7 @@ class BackupRecord:
                 rng=data.get("rng"),
                 input_iteration=int(data.get("input_iteration", 0)),
                 files={str(k): dict(v) for k, v in data.get("files", {}).items()},
+                array_crc32c={str(k): int(v) for k, v in data.get("array_crc32c", {}).items()},
                 extra=dict(data.get("extra", {})),
             )
         except (KeyError, TypeError, ValueError) as e:

@@ -41,7 +41,7 @@ def test_reports_where_training_resumes_and_that_files_are_intact(backup_dir: Pa
     assert "ft-step-0000000006 (newest)" in proc.stdout
     assert "resumes at: epoch 2, batch 0 (global step 6)" in proc.stdout
     assert "1 process(es), jax backend" in proc.stdout
-    assert "intact (every file and every array chunk checksum verified)" in proc.stdout
+    assert "intact (every file and every array checksum verified)" in proc.stdout
     assert "live run:   none" in proc.stdout
 
 

@@ -1,9 +1,12 @@
 """The arrays of a backup, through Orbax and TensorStore, for every kind of store.
 
 Orbax writes and reads the arrays (a zarr3 array per variable in an OCDBT
-database, every chunk with a crc32c: `chunk_checksums`); TensorStore's drivers
-reach local paths and buckets alike, so a store passes only a path. Nothing
-here knows how a backup is committed.
+database); TensorStore's drivers reach local paths and buckets alike, so a
+store passes only a path. Nothing here knows how a backup is committed. The
+arrays' bytes are checked one of two ways: by one crc32c per array that the
+writing process computed and the caller passes to `read` and `read_every`
+(`array_checksums`), or by a crc32c on every chunk that TensorStore computes
+as it encodes it and checks as it decodes it (`chunk_checksums`).
 
 Three choices bring this path closer to what the bytes cost (measured on 2
 cores, 0.26 GB of state; `docs/benchmark.md`):
@@ -12,8 +15,8 @@ cores, 0.26 GB of state; `docs/benchmark.md`):
   writing it (`deepcopy_host_arrays`), a guard against the caller changing
   them during an asynchronous save. ft hands Orbax a private snapshot that
   nothing changes until the synchronous save returns, so it is written in place.
-- Writes leave cores to training: TensorStore encodes (copies and
-  checksums) chunks on `encoding_threads()` threads, half the cores, instead
+- Writes leave cores to training: TensorStore encodes (copies, and
+  checksums with the chunk codec) chunks on `encoding_threads()` threads, half the cores, instead
   of one per core. With training on both cores, the write then took a third
   less time, and training slowed no more than beside a raw write of the same
   bytes.
@@ -21,7 +24,9 @@ cores, 0.26 GB of state; `docs/benchmark.md`):
   arrays on devices it addresses), `read` opens the zarr3 arrays Orbax wrote
   with TensorStore directly, all at once, and decodes each into a 64-byte
   aligned host buffer that JAX (on the CPU) and TensorFlow take without
-  another copy; TensorStore checks every chunk's crc32c as it decodes it.
+  another copy; each array's crc32c is checked as soon as its read lands,
+  while the others are still read (or TensorStore checks every chunk's
+  crc32c as it decodes it).
   This skips Orbax's restore machinery, its import and its extra copy.
   JAX arrays sharded across processes are read by Orbax, which reads each
   process's shards onto their live shardings.
@@ -36,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ft.store import chunk_checksums
+from ft.store import array_checksums, chunk_checksums
 
 # JAX's CPU client and TensorFlow use a host buffer in place from this alignment.
 _ALIGN = 64
@@ -84,8 +89,8 @@ def _snapshot_handler() -> Any:
             super().__init__(deepcopy_host_arrays=False)
 
         async def serialize(self, values: Any, infos: Any, args: Any = None) -> Any:
-            # The save runs beside training: its chunks are encoded (copied and
-            # checksummed) by at most `encoding_threads()` threads, not one per core.
+            # The save runs beside training: its chunks are encoded (copied, and
+            # checksummed with the codec) by at most `encoding_threads()` threads, not one per core.
             # Orbax's context for this save (its caches, I/O limits), plus that limit.
             if infos and infos[0].ts_context is not None:
                 import tensorstore as ts
@@ -99,38 +104,52 @@ def _snapshot_handler() -> Any:
     return SnapshotHandler()
 
 
-def write(checkpointer: Any, directory: str, arrays: Any, owner: str) -> bool:
+def write(
+    checkpointer: Any, directory: str, arrays: Any, owner: str, chunk_crc: bool = True
+) -> bool:
     """Write `arrays` to `directory`; True when every chunk got a crc32c.
 
     `owner` is the directory ft registered for the codec (Orbax writes under a
-    temporary name of its own inside it, then renames). Nothing may change
-    `arrays` until this returns (the checkpointer does not copy them).
+    temporary name of its own inside it, then renames). Without `chunk_crc`
+    the chunks get no codec: the caller checksums the arrays itself
+    (`array_checksums`). Nothing may change `arrays` until this returns (the
+    checkpointer does not copy them).
     """
     import orbax.checkpoint as ocp
 
+    if not chunk_crc:
+        checkpointer.save(directory, args=ocp.args.PyTreeSave(arrays))
+        return False
     with chunk_checksums.checksummed(owner) as tracker:
         checkpointer.save(directory, args=ocp.args.PyTreeSave(arrays))
     return tracker.applied
 
 
 def read(
-    checkpointer: Callable[[], Any], directory: str, target: dict[str, list[Any]]
+    checkpointer: Callable[[], Any],
+    directory: str,
+    target: dict[str, list[Any]],
+    crcs: dict[str, int] | None = None,
 ) -> dict[str, list[Any]]:
-    """Read the arrays in the local `directory` shaped like `target`, chunk checksums checked.
+    """Read the arrays in the local `directory` shaped like `target`, checksums checked.
 
-    Directly through TensorStore when this process holds every array whole,
-    through Orbax otherwise (JAX arrays sharded across processes).
-    `checkpointer` returns the store's Orbax checkpointer; it is called only
-    when Orbax reads, so a direct read never imports Orbax.
+    Any process. Directly through TensorStore when this process holds every
+    array whole, through Orbax otherwise (JAX arrays sharded across
+    processes). `crcs` are the backup's recorded array crc32cs (Orbax name ->
+    crc32c), each checked on the host values once its array is read; without
+    them, TensorStore checks the chunk codec. `checkpointer` returns the
+    store's Orbax checkpointer; it is called only when Orbax reads, so a
+    direct read never imports Orbax.
 
     Raises:
         ValueError or OSError: as TensorStore reports damage (`DATA_LOSS` for
             a checksum mismatch, `OUT_OF_RANGE` for a short file, `NOT_FOUND`
-            for a missing array), or an array whose stored shape or dtype is
-            not the target's.
+            for a missing array), `DATA_LOSS` for an array that does not
+            match its recorded crc32c, or an array whose stored shape or
+            dtype is not the target's.
     """
     if all(_held_whole(value) for values in target.values() for value in values):
-        out = _read_whole(directory, target)
+        out = _read_whole(directory, target, crcs)
         if out is not None:
             return out
     import orbax.checkpoint as ocp
@@ -139,7 +158,26 @@ def read(
     restored: dict[str, list[Any]] = checkpointer().restore(
         directory, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
     )
+    if crcs:
+        _check_restored(restored, ocp.tree.get_param_names(restored), crcs)
     return restored
+
+
+def _check_restored(
+    restored: dict[str, list[Any]], names: dict[str, list[str]], crcs: dict[str, int]
+) -> None:
+    """Check the recorded crc32cs of what Orbax restored (`names`: Orbax's), on the host values.
+
+    An array sharded across processes cannot be summed whole here; a backup
+    with array crc32cs restored that way was read whole by the chief's
+    `verify_all` first (a multi-process restore reads every array there).
+    """
+    for group, values in restored.items():
+        if not values:
+            continue  # Orbax names an empty group as a leaf
+        for name, value in zip(names[group], values, strict=True):
+            if _held_whole(value):
+                array_checksums.check(name, np.asarray(value), crcs)
 
 
 def orbax_name(group: str, index: int) -> str:
@@ -152,11 +190,15 @@ def _held_whole(value: Any) -> bool:
     return sharding is None or bool(getattr(sharding, "is_fully_addressable", False))
 
 
-def _read_whole(directory: str, target: dict[str, list[Any]]) -> dict[str, list[Any]] | None:
+def _read_whole(
+    directory: str, target: dict[str, list[Any]], crcs: dict[str, int] | None
+) -> dict[str, list[Any]] | None:
     """Every array of the OCDBT checkpoint in `directory`, opened and read at once.
 
-    None when an array is not where Orbax names it (another Orbax's layout,
-    or damage): Orbax then reads, or reports the damage.
+    Each array's recorded crc32c (when `crcs`) is checked as soon as its read
+    lands, while TensorStore's threads still read the next ones. None when an
+    array is not where Orbax names it (another Orbax's layout, or damage):
+    Orbax then reads, or reports the damage.
     """
     import tensorstore as ts
 
@@ -186,13 +228,15 @@ def _read_whole(directory: str, target: dict[str, list[Any]]) -> dict[str, list[
                 f"array {name!r} is stored with shape {tuple(stored.shape)} and dtype "
                 f"{stored.dtype.numpy_dtype}, expected {shape} and {dtype}"
             )
-        # Decoded straight into an aligned buffer; the chunk crc32c is checked on the way.
+        # Decoded straight into an aligned buffer (a chunk crc32c is checked on the way).
         buffer = _aligned(shape, dtype)
         copies.append((name, ts.array(buffer, copy=False, write=True).write(stored)))
         buffers.append(buffer)
     out: dict[str, list[Any]] = {group: [] for group in target}
     for (group, _, want), (name, copy), buffer in zip(items, copies, buffers, strict=True):
         _opened(name, copy)
+        if crcs:
+            array_checksums.check(name, buffer, crcs)
         sharding = getattr(want, "sharding", None)
         if sharding is not None:
             import jax
@@ -229,22 +273,26 @@ def _aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
-def read_every(kvstore: dict[str, Any]) -> None:
+def read_every(kvstore: dict[str, Any], crcs: dict[str, int] | None = None) -> None:
     """Read every array of the OCDBT database at `kvstore` (a TensorStore kvstore spec).
 
-    Several arrays at a time (up to `_READ_WINDOW` bytes in flight, their
-    chunks in parallel), each chunk's crc32c and each OCDBT node's checksum
-    checked; no Orbax call, so no collective under JAX multi-host: one
-    process can run it alone.
+    Any process. Several arrays at a time (up to `_READ_WINDOW` bytes in
+    flight, their chunks in parallel), each OCDBT node's checksum checked,
+    and each array's recorded crc32c when `crcs` (the arrays stored must be
+    exactly those recorded), else each chunk's crc32c; no Orbax call, so no
+    collective under JAX multi-host: one process can run it alone.
 
     Raises:
-        ValueError or OSError: naming the array that failed, from TensorStore.
+        ValueError or OSError: naming the array that failed, from TensorStore,
+            or `DATA_LOSS` for an array that does not match its crc32c.
     """
     import tensorstore as ts
 
     context, spec = _ocdbt(kvstore)
     keys = ts.KvStore.open(spec, context=context).result().list().result()
     names = sorted({k.decode()[: -len("/zarr.json")] for k in keys if k.endswith(b"zarr.json")})
+    if crcs:
+        array_checksums.check_names(names, crcs)
     opens = [
         ts.open(
             {"driver": "zarr3", "kvstore": {**spec, "path": name + "/"}}, open=True, context=context
@@ -258,9 +306,16 @@ def read_every(kvstore: dict[str, Any]) -> None:
         nbytes = int(np.prod(array.shape, dtype=np.int64)) * array.dtype.numpy_dtype.itemsize
         while pending and in_flight + nbytes > _READ_WINDOW:
             done, read, size = pending.popleft()
-            _opened(done, read)
+            _landed(done, read, crcs)
             in_flight -= size
         pending.append((name, array.read(), nbytes))
         in_flight += nbytes
     for done, read, _ in pending:
-        _opened(done, read)
+        _landed(done, read, crcs)
+
+
+def _landed(name: str, read: Any, crcs: dict[str, int] | None) -> None:
+    """Wait for one array's read; check its recorded crc32c when `crcs`."""
+    value = _opened(name, read)
+    if crcs:
+        array_checksums.check(name, value, crcs)

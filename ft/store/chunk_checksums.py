@@ -1,14 +1,21 @@
-"""A crc32c on every array chunk ft writes, computed by TensorStore as it encodes it.
+"""A crc32c on every array chunk, computed by TensorStore as it encodes it.
+
+For the arrays no single process holds whole, or that go to a bucket: the JAX
+multi-host collective write, the bucket store (`bucket_arrays`), and a
+process whose google-crc32c has no C extension. Backups the POSIX store's
+`write` makes otherwise carry one crc32c per array in their record instead
+(`array_checksums`); backups written with this codec before that still read
+as they did, TensorStore checking it.
 
 Orbax writes each array as a zarr3 array whose codec chain has no checksum on
 the chunks (only the shard index has one). TensorStore's zarr3 driver has a
 `crc32c` codec: appended to the chunk codecs, every chunk carries a CRC-32C
-computed (in C++, with the CPU's crc32c instruction) while it is encoded, and
-checked every time it is decoded. A flipped byte or a truncated chunk then
-fails the read with `DATA_LOSS`/`OUT_OF_RANGE` instead of loading wrong
-values, so the store needs no checksum pass of its own over the array bytes,
-neither at commit nor at restore. OCDBT's own nodes and manifests carry a
-crc32c already.
+computed while it is encoded, and checked every time it is decoded (by the
+`tensorstore` wheel's portable software crc32c, slower than the CPU's
+instruction). A flipped byte or a truncated chunk then fails the read with
+`DATA_LOSS`/`OUT_OF_RANGE` instead of loading wrong values, so the store needs
+no checksum pass of its own over the array bytes, neither at commit nor at
+restore. OCDBT's own nodes and manifests carry a crc32c already.
 
 Orbax (0.12) has no option for it: this module wraps Orbax's
 `tensorstore_utils.build_array_write_spec` and adds the codec for arrays

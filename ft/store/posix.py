@@ -20,16 +20,18 @@ exists). A backup found damaged is renamed aside, out of the committed names,
 so it never counts as newer than an intact one and never takes an intact
 backup's place in the `max_to_keep` kept.
 
-Integrity without a pass of its own over the array bytes: every array chunk
-carries a crc32c that TensorStore computes as it encodes the chunk and checks
-as it decodes it (`chunk_checksums`), and OCDBT's nodes carry their own. So
-at commit only the small files that are not OCDBT data files (Orbax's JSON
-metadata, manifests) are read back for a CRC32; at restore the listing is
-checked against the recorded sizes and those small files against their CRC32
-(`verify`), and the arrays are verified while they are read (`read_arrays`).
-`verify_all` also reads every array, for `python -m ft inspect`. Where the
-codec could not be added (another Orbax, the JAX multi-host collective write)
-every file gets a CRC32 at commit and is checked by `verify`, as before.
+Integrity without reading the files back: `write` records one crc32c per
+host array (the CPU's crc32c instruction, on the save pipeline's thread) and
+has Orbax write them without a chunk codec (`array_checksums`); OCDBT's nodes
+carry their own. At commit only the files that are not OCDBT data files
+(Orbax's JSON metadata, manifests) are read back for a CRC32; at restore the
+sizes and those CRC32s are checked (`verify`), and each array against its
+crc32c as its read lands (`read_arrays`); `verify_all` reads every array too.
+Without google-crc32c's C extension, and in backups written before ft
+recorded array crc32cs, every chunk carries TensorStore's crc32c codec
+instead (`chunk_checksums`). The JAX multi-host collective write keeps the
+codec and gets a CRC32 of every file at commit, checked by `verify`, as does
+a write the codec could not be added to (another Orbax).
 
 Writing methods are called by the primary process only; reading methods on
 every process.
@@ -45,8 +47,8 @@ from typing import Any
 
 from ft import errors
 from ft.metadata import BackupRecord
+from ft.store import array_checksums, posix_files, posix_lock
 from ft.store import arrays as array_io
-from ft.store import posix_files, posix_lock
 from ft.store.base import (
     ARRAYS,
     DAMAGED_PREFIX,
@@ -78,8 +80,8 @@ class PosixStore:
         self.max_to_keep = max_to_keep
         self._checkpointer: Any = None
         self._lock = posix_lock.FlockLock(self.directory)
-        # Temporary directories whose arrays all carry a chunk crc32c.
-        self._chunk_crc: set[str] = set()
+        # Temporary directory -> the mark of its OCDBT data files (posix_files).
+        self._data_mark: dict[str, str] = {}
 
     # ------------------------------------------------------------------ writer
     def prepare(self) -> None:
@@ -139,7 +141,7 @@ class PosixStore:
         if self._keep_existing(final):
             return final
         tmp = self._new_tmp(record.step)
-        self._write_arrays(tmp, arrays)
+        self._write_arrays(tmp, arrays, record)
         self._commit(tmp, final, record)
         return final
 
@@ -161,9 +163,9 @@ class PosixStore:
         if not name:
             return final
         tmp = os.path.join(self.directory, name)
-        # The chief cannot tell whether the other processes' arrays got the
-        # chunk crc32c: it checksums every file at commit.
-        self._write_arrays(tmp, arrays, chunk_crc=False)
+        # No process holds every array, and the chief cannot tell whether the
+        # others' arrays got the chunk crc32c: it checksums every file at commit.
+        self._write_arrays(tmp, arrays)
         coordinator.barrier("arrays-written", timeout)
         if coordinator.is_chief:
             self._commit(tmp, final, record)
@@ -191,16 +193,23 @@ class PosixStore:
         os.makedirs(tmp)
         return tmp
 
-    def _write_arrays(self, tmp: str, arrays: Any, chunk_crc: bool = True) -> None:
-        applied = array_io.write(self._orbax(), os.path.join(tmp, ARRAYS), arrays, owner=tmp)
-        if chunk_crc and applied:
-            self._chunk_crc.add(tmp)
+    def _write_arrays(self, tmp: str, arrays: Any, record: BackupRecord | None = None) -> None:
+        """Write `arrays` under `tmp`; with the `record` of a backup this process holds
+        whole, one crc32c per array goes into it (or, without google-crc32c's C
+        extension, a crc32c into every chunk). Save pipeline's thread."""
+        directory = os.path.join(tmp, ARRAYS)
+        if record is not None and array_checksums.usable(arrays):
+            record.array_crc32c = array_checksums.of_arrays(arrays)
+            array_io.write(self._orbax(), directory, arrays, owner=tmp, chunk_crc=False)
+            self._data_mark[tmp] = posix_files.ARRAY_CRC32C
+            return
+        applied = array_io.write(self._orbax(), directory, arrays, owner=tmp)
+        if record is not None and applied:
+            self._data_mark[tmp] = posix_files.CHUNK_CRC32C
 
     def _commit(self, tmp: str, final: str, record: BackupRecord) -> None:
         """fsync every file, record sizes (and CRC32s), write the record, rename. Primary only."""
-        chunk_crc = tmp in self._chunk_crc
-        self._chunk_crc.discard(tmp)
-        record.files = posix_files.sync_and_sum(tmp, chunk_crc)
+        record.files = posix_files.sync_and_sum(tmp, self._data_mark.pop(tmp, None))
         with open(os.path.join(tmp, RECORD_NAME), "w", encoding="utf-8") as f:
             f.write(record.to_json())
             f.flush()
@@ -314,21 +323,22 @@ class PosixStore:
 
         Any process. Every recorded file must exist with its recorded size,
         and every file with a recorded CRC32 must match it. The bytes of OCDBT
-        data files written with a chunk crc32c are left to `read_arrays`,
-        which checks them as it reads them; `verify_all` reads them too.
+        data files covered by the arrays' crc32cs (or their chunks') are left
+        to `read_arrays`, which checks them as it reads them; `verify_all`
+        reads them too.
 
         Raises:
             CheckpointCorruptedError: naming the backup directory and the first
                 missing, truncated or altered file.
         """
         record = self.read_record(path)
-        problem = posix_files.check(path, record.files)
+        problem = posix_files.check(path, record.files, array_crcs=bool(record.array_crc32c))
         if problem is not None:
             raise self._corrupted(path, *problem)
         return record
 
     def verify_all(self, path: str) -> BackupRecord:
-        """`verify`, then read every array, checking each chunk's crc32c. Any process.
+        """`verify`, then read every array, checking its crc32c (or each chunk's). Any process.
 
         Reads through TensorStore directly, several arrays at a time (their
         chunks in parallel), with no Orbax call: Orbax's restore is a collective under
@@ -339,7 +349,7 @@ class PosixStore:
         record = self.verify(path)
         state = os.path.join(path, ARRAYS)
         try:
-            array_io.read_every({"driver": "file", "path": state + "/"})
+            array_io.read_every({"driver": "file", "path": state + "/"}, record.array_crc32c)
         except (OSError, ValueError) as e:
             raise self._corrupted(path, state, f"its arrays cannot be read ({e})") from e
         return record
@@ -347,15 +357,18 @@ class PosixStore:
     def read_arrays(self, path: str, target: Any) -> Any:
         """Load the arrays of the backup in `path` shaped like `target`. Any process.
 
-        TensorStore checks every chunk's crc32c (and OCDBT's nodes theirs) as
-        it reads, several arrays and chunks at once.
+        Several arrays and chunks are read at once; each array is checked
+        against the crc32c in the backup's record as soon as it lands (or
+        TensorStore checks every chunk's crc32c as it decodes it, in backups
+        written with the codec), and OCDBT's nodes against theirs.
 
         Raises:
-            CheckpointCorruptedError: when a chunk or an index fails its
-                checksum, or a file is short or missing.
+            CheckpointCorruptedError: when an array, a chunk or an index fails
+                its checksum, or a file is short or missing.
         """
+        crcs = self.read_record(path).array_crc32c
         try:
-            return array_io.read(self._orbax, os.path.join(path, ARRAYS), target)
+            return array_io.read(self._orbax, os.path.join(path, ARRAYS), target, crcs)
         except (OSError, ValueError) as e:
             # TensorStore reports a checksum mismatch as DATA_LOSS, a short
             # file as OUT_OF_RANGE, a missing one as NOT_FOUND (ValueError).
