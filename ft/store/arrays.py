@@ -16,8 +16,8 @@ cores, 0.26 GB of state; `docs/benchmark.md`):
   them during an asynchronous save. ft hands Orbax a private snapshot that
   nothing changes until the synchronous save returns, so it is written in place.
 - Writes leave cores to training: TensorStore encodes (copies, and
-  checksums with the chunk codec) chunks on `encoding_threads()` threads, half the cores, instead
-  of one per core. With training on both cores, the write then took a third
+  checksums with the chunk codec) chunks on `encoding_threads()` threads,
+  half the cores, instead of one per core. With training on both cores, the write then took a third
   less time, and training slowed no more than beside a raw write of the same
   bytes.
 - Reads: when this process holds every array whole (host arrays, or JAX
@@ -90,7 +90,8 @@ def _snapshot_handler() -> Any:
 
         async def serialize(self, values: Any, infos: Any, args: Any = None) -> Any:
             # The save runs beside training: its chunks are encoded (copied, and
-            # checksummed with the codec) by at most `encoding_threads()` threads, not one per core.
+            # checksummed with the codec) by at most `encoding_threads()`
+            # threads, not one per core.
             # Orbax's context for this save (its caches, I/O limits), plus that limit.
             if infos and infos[0].ts_context is not None:
                 import tensorstore as ts
