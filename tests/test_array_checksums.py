@@ -244,10 +244,23 @@ def test_a_record_without_array_crc32c_and_marked_files_is_refused(tmp_path: Pat
 
 def test_crc32c_matches_google_crc32c_for_views_and_scalars() -> None:
     value = np.arange(24, dtype="float32").reshape(4, 6)
-    for array in [value, value.T, value[::2], np.float32(3.5), np.array(True)]:
+    bfloat16 = np.asarray(jax.numpy.arange(5, dtype=jax.numpy.bfloat16))
+    for array in [value, value.T, value[::2], np.float32(3.5), np.array(True), bfloat16]:
         expected = google_crc32c.value(np.ascontiguousarray(array).tobytes())
         assert array_checksums.crc32c(np.asarray(array)) == expected
     assert value.flags.writeable  # the caller's array is left writeable
+
+
+def test_arrays_not_on_the_host_keep_the_chunk_codec(tmp_path: Path) -> None:
+    store = PosixStore(tmp_path)
+    store.prepare()
+    arrays = {"model": [jax.numpy.ones((30, 20)), np.zeros(3, "float32")], "optimizer": []}
+    path = store.write(_record(1), arrays)
+    record = store.verify(path)
+    assert record.array_crc32c == {}
+    assert all(_chunk_codecs(a) == ["bytes", "crc32c"] for a in _stored(Path(path)).values())
+    store.verify_all(path)
+    store.close()
 
 
 def test_keras_fit_records_every_saved_array(tmp_path: Path) -> None:
