@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import keras
-import numpy as np
 
 import ft.strategies as strategies
 from ft import (
@@ -181,7 +180,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._epoch: int = 0
         self._batch: int = 0
         self._resume: BackupRecord | None = None
-        self._pending_metrics: list[np.ndarray] | None = None
+        self._pending_metrics: list[Any] | None = None
         self._input: InputState | None = None
 
     # ------------------------------------------------------------- fit hooks

@@ -11,8 +11,6 @@ import dataclasses
 import json
 from typing import Any
 
-import numpy as np
-
 import ft.strategies as strategies
 from ft import errors, fit_loop, training_state
 from ft.input_state import InputState
@@ -28,7 +26,7 @@ class Restored:
 
     path: str
     record: BackupRecord
-    pending_metrics: list[np.ndarray] | None
+    pending_metrics: list[Any] | None
 
 
 def restore_newest_intact(
@@ -118,7 +116,7 @@ def load(
     arrays = store.read_arrays(path, target)
     training_state.assign(variables["model"], arrays["model"])
     training_state.assign(variables["optimizer"], arrays["optimizer"])
-    pending_metrics: list[np.ndarray] | None = None
+    pending_metrics: list[Any] | None = None
     if record.batch and training_state.first_mismatch(saved["metrics"], live["metrics"]) is None:
         pending_metrics = list(arrays["metrics"])
     return Restored(path, record, pending_metrics)

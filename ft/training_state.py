@@ -125,7 +125,11 @@ def restore_target(
                 for s, v in zip(saved[group], live, strict=True)
             ]
         else:
-            target[group] = [np.zeros(s.shape, dtype=s.dtype) for s in saved[group]]
+            # Only their shape and dtype are read: a zero-strided view of one
+            # element, not an allocation of the whole state.
+            target[group] = [
+                np.broadcast_to(np.zeros((), dtype=s.dtype), s.shape) for s in saved[group]
+            ]
     return target
 
 

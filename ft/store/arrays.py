@@ -17,14 +17,15 @@ cores, 0.26 GB of state; `docs/benchmark.md`):
   nothing changes until the synchronous save returns, so it is written in place.
 - Writes leave cores to training: TensorStore encodes (copies, and
   checksums with the chunk codec) chunks on `encoding_threads()` threads,
-  half the cores, instead of one per core. With training on both cores, the write then took a third
-  less time, and training slowed no more than beside a raw write of the same
-  bytes.
+  half the cores, instead of one per core. With training on both cores,
+  the write then took a third less time, and training slowed no more than
+  beside a raw write of the same bytes.
 - Reads: when this process holds every array whole (host arrays, or JAX
   arrays on devices it addresses), `read` opens the zarr3 arrays Orbax wrote
   with TensorStore directly, all at once, and decodes each into a 64-byte
-  aligned host buffer that JAX (on the CPU) and TensorFlow take without
-  another copy; each array's crc32c is checked as soon as its read lands,
+  aligned host buffer that JAX on the CPU takes without another copy, or,
+  under TensorFlow, into the memory of a tensor that `assign` takes without
+  a copy (`ft.host_buffers`); each array's crc32c is checked as soon as its read lands,
   while the others are still read (or TensorStore checks every chunk's
   crc32c as it decodes it).
   This skips Orbax's restore machinery, its import and its extra copy.
@@ -41,10 +42,9 @@ from typing import Any
 
 import numpy as np
 
+from ft import host_buffers
 from ft.store import array_checksums, chunk_checksums
 
-# JAX's CPU client and TensorFlow use a host buffer in place from this alignment.
-_ALIGN = 64
 # Bytes `read_every` holds at once: it reads to check, and keeps nothing.
 _READ_WINDOW = 256 << 20
 
@@ -213,7 +213,8 @@ def _read_whole(
         )
         for group, index, _ in items
     ]
-    buffers, copies = [], []
+    allocate = host_buffers.for_backend()
+    buffers, values, copies = [], [], []
     for (group, index, want), opened in zip(items, opens, strict=True):
         name = orbax_name(group, index)
         try:
@@ -229,12 +230,19 @@ def _read_whole(
                 f"array {name!r} is stored with shape {tuple(stored.shape)} and dtype "
                 f"{stored.dtype.numpy_dtype}, expected {shape} and {dtype}"
             )
-        # Decoded straight into an aligned buffer (a chunk crc32c is checked on the way).
-        buffer = _aligned(shape, dtype)
+        # Decoded straight into an aligned buffer, or the memory of the engine's
+        # own tensor (`host_buffers`; a chunk crc32c is checked on the way).
+        if getattr(want, "sharding", None) is not None:
+            buffer, value = host_buffers.aligned(shape, dtype)
+        else:
+            buffer, value = allocate(shape, dtype)
         copies.append((name, ts.array(buffer, copy=False, write=True).write(stored)))
         buffers.append(buffer)
+        values.append(value)
     out: dict[str, list[Any]] = {group: [] for group in target}
-    for (group, _, want), (name, copy), buffer in zip(items, copies, buffers, strict=True):
+    for (group, _, want), (name, copy), buffer, value in zip(
+        items, copies, buffers, values, strict=True
+    ):
         _opened(name, copy)
         if crcs:
             array_checksums.check(name, buffer, crcs)
@@ -246,7 +254,7 @@ def _read_whole(
             # overlap the reads still running; on the CPU it takes the buffer as is.
             out[group].append(jax.device_put(buffer, sharding))
         else:
-            out[group].append(buffer)
+            out[group].append(value)
     return out
 
 
@@ -264,14 +272,6 @@ def _opened(name: str, future: Any) -> Any:
         return future.result()
     except (OSError, ValueError) as e:
         raise type(e)(f"array {name!r}: {e}") from e
-
-
-def _aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised array whose data starts on a `_ALIGN`-byte boundary."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def read_every(kvstore: dict[str, Any], crcs: dict[str, int] | None = None) -> None:
