@@ -18,8 +18,9 @@ in two modes: saves spaced further apart than a save's background work takes
 (estimated from the limits below), and saves closer than that (`--close-every`
 steps, default: a third of that estimate). Per save it reports the time the
 training thread was blocked (measured inside `fit`, around the callback's hooks),
-the total time added to `fit` (against its baseline, the wait at the end
-included), and the background pipeline's time; against the same bytes' limits:
+the total time added to `fit` (against its baseline, each timed from the
+start of `fit` to the end of its callbacks' `on_train_end`, the wait for the
+last commit included), and the background pipeline's time; against the same bytes' limits:
 one device-to-device copy, device-to-host copy (pageable and page-locked),
 memcpy, write + fsync, cold read. Restore time (the callback's `on_train_begin`
 inside `fit`) is compared with a cold read of the backup's files (cold when the
