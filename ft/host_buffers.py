@@ -67,7 +67,8 @@ def tensorflow_tensor(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarr
 
     if not shape or not _view_is_shared(tf, dtype):
         return aligned(shape, dtype)
-    tensor = tf.raw_ops.Empty(shape=shape, dtype=tf.as_dtype(dtype), init=False)
+    with tf.device("CPU:0"):  # host memory, wherever the variables live
+        tensor = tf.raw_ops.Empty(shape=shape, dtype=tf.as_dtype(dtype), init=False)
     view = _view(tensor)
     if view is None or view.shape != shape or view.dtype != dtype:
         return aligned(shape, dtype)
@@ -90,7 +91,8 @@ def _view_is_shared(tf: Any, dtype: np.dtype) -> bool:
     key = np.dtype(dtype).name
     if key not in _shared_views:
         shared = False
-        tensor = tf.raw_ops.Empty(shape=[2], dtype=tf.as_dtype(dtype), init=True)
+        with tf.device("CPU:0"):
+            tensor = tf.raw_ops.Empty(shape=[2], dtype=tf.as_dtype(dtype), init=True)
         view = _view(tensor)
         if view is not None and view.shape == (2,):
             view[...] = np.array([1, 1], dtype=np.int8).astype(dtype)
