@@ -324,22 +324,8 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     # --------------------------------------------------------------- helpers
     def _must_move(self) -> bool:
-        """True when a due save moves to a later step because one is still in flight.
-
-        Call on all processes at the same step. Only the chief's pipeline
-        writes, so the chief decides for every worker (a key in the engine's
-        store, once per step while a save is due): all of them save at the
-        same later step, and none waits for the write. Where every process
-        writes its own shards (JAX multi-host) saves are synchronous and
-        never find one in flight.
-        """
-        coordinator = self._coordinator
-        if coordinator.num_processes == 1:
-            return self._pipeline.busy()
-        if strategies.every_process_writes(coordinator):
-            return False
-        busy = ("1" if self._pipeline.busy() else "0") if coordinator.is_chief else None
-        return coordinator.decide("move-save", busy, self.timeout) == "1"
+        """True when a due save moves to a later step. Call on all processes at the same step."""
+        return saving.save_moves(self._coordinator, self._pipeline, self.timeout)
 
     def _position(self, done: int, fit_ended: bool = False) -> tuple[int, int, bool]:
         """Epoch, batch and end-of-epoch flag of a save after `done` batches of this epoch."""

@@ -78,6 +78,25 @@ def save_now(
     pipeline.run(step, snapshot, write, stats, background, timeout)
 
 
+def save_moves(
+    coordinator: strategies.Coordinator, pipeline: save_pipeline.SavePipeline, timeout: float
+) -> bool:
+    """True when a save due now moves to a later step because one is still in flight.
+
+    Call on all processes at the same step. Only the chief's pipeline writes,
+    so the chief decides for every worker (a key in the engine's store, once
+    per step while a save is due): all of them save at the same later step,
+    and none waits for the write. Where every process writes its own shards
+    (JAX multi-host) saves are synchronous and never find one in flight.
+    """
+    if coordinator.num_processes == 1:
+        return pipeline.busy()
+    if strategies.every_process_writes(coordinator):
+        return False
+    busy = ("1" if pipeline.busy() else "0") if coordinator.is_chief else None
+    return coordinator.decide("move-save", busy, timeout) == "1"
+
+
 def build_record(
     input_state: InputState | None,
     coordinator: strategies.Coordinator,
