@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+from typing import Any
 
 import pytest
 
@@ -111,16 +112,22 @@ def _fit_twice(coordinator: _ThreadCoordinator, results: dict) -> None:
     results[coordinator.process_index] = seen
 
 
-def test_names_are_unique_per_fit_so_a_second_fit_works() -> None:
+def _as_two_processes(body: Any) -> tuple[_Store, dict]:
+    """Run `body(coordinator, results)` on two threads posing as processes."""
     store, results = _Store(2), {}
     threads = [
-        threading.Thread(target=_fit_twice, args=(_ThreadCoordinator(store, i), results))
+        threading.Thread(target=body, args=(_ThreadCoordinator(store, i), results))
         for i in range(2)
     ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
+    return store, results
+
+
+def test_names_are_unique_per_fit_so_a_second_fit_works() -> None:
+    store, results = _as_two_processes(_fit_twice)
     assert results == {0: ["first", "second"], 1: ["first", "second"]}
     generations = {key.split("/")[1] for key in store.values}
     assert len(generations) == 2, sorted(store.values)
@@ -137,15 +144,7 @@ def _decide_each_step(coordinator: _ThreadCoordinator, results: dict) -> None:
 
 
 def test_a_decision_per_step_reaches_every_process_and_old_ones_are_deleted() -> None:
-    store, results = _Store(2), {}
-    threads = [
-        threading.Thread(target=_decide_each_step, args=(_ThreadCoordinator(store, i), results))
-        for i in range(2)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    store, results = _as_two_processes(_decide_each_step)
     expected = ["0", "1", "0", "1", "0", "1"]
     assert results == {0: expected, 1: expected}
     kept = sorted(key for key in store.values if "/move-save/" in key)
