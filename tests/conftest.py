@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +20,30 @@ import pytest
 pytest_plugins = ["ft.testing.pytest_plugin"]
 
 BACKENDS = ("tensorflow", "jax")
+_JAX_CACHE = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One JAX compilation cache for the whole session: every test process and every
+    worker process a test starts compiles the same few small models, hundreds of
+    times in all. The controller creates it; xdist's workers and the processes tests
+    start inherit it through the environment. A size limit turns on JAX's file lock,
+    so a process never reads an entry another is still writing."""
+    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    directory = tempfile.mkdtemp(prefix="ft-tests-jax-cache-")
+    config.stash[_JAX_CACHE] = directory
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2 << 30)
+    # The models are small: every compilation is worth keeping.
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    directory = config.stash.get(_JAX_CACHE, None)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

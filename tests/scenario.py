@@ -20,7 +20,9 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -90,6 +92,8 @@ class Recorder(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         step = len(self.seen) + self.args.steps_before
         print(f"step {step}", flush=True)
+        if self.args.hold_at_step == step:
+            _hold_for_sigterm(60.0)
         if self.args.stall_at_step == step:
             print("stalling", flush=True)
             time.sleep(120)  # alive (heartbeats go on) but absent from the collectives
@@ -124,6 +128,9 @@ def main() -> None:
     parser.add_argument("--heartbeat", type=float, help="ft.strategies.auto(heartbeat_timeout=)")
     parser.add_argument("--sigstop-at-step", type=int, help="SIGSTOP itself there")
     parser.add_argument("--stall-at-step", type=int, help="sleep 120 s there, alive")
+    parser.add_argument(
+        "--hold-at-step", type=int, help="wait there (at most 60 s) until a SIGTERM arrives"
+    )
     parser.add_argument(
         "--late-worker", type=int, help="this worker learns of a preemption 2 s late"
     )
@@ -282,6 +289,27 @@ def _split_first_kernel(devices: list) -> keras.distribution.LayoutMap:
     layout_map[".*/dense/kernel"] = (None, "model")
     layout_map[".*/dense/bias"] = ("model",)
     return layout_map
+
+
+def _hold_for_sigterm(seconds: float) -> None:
+    """Wait until a SIGTERM arrives, at most `seconds`; it is handled as it would be
+    otherwise (by ft's preemption watch). A test that signals after reading a step's
+    line then never races a run that finishes first."""
+    arrived = threading.Event()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        arrived.set()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, handler)
+    deadline = time.monotonic() + seconds
+    try:
+        while not arrived.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _learn_preemption_late(seconds: float) -> None:

@@ -169,8 +169,13 @@ def test_launcher_forwards_sigterm_exits_42_and_relaunch_resumes(tmp_path: Path)
         "--out",
         str(tmp_path / "w.npz"),
     ]
+    # The first run holds at step 5 until the SIGTERM comes (it could finish first).
     launcher = subprocess.Popen(
-        args, env=engine_env("jax"), stdout=subprocess.PIPE, text=True, cwd=ROOT
+        [*args, "--hold-at-step", "5"],
+        env=engine_env("jax"),
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
     assert launcher.stdout is not None
     for line in launcher.stdout:
