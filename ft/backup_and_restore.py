@@ -192,6 +192,15 @@ class BackupAndRestore(keras.callbacks.Callback):
         model = self.model
         # Undone however this fit ends (Keras calls on_train_end only when it completes).
         self._fit_exit = fit_exit.on_fit_exit(model, self._undo_fit_hooks)
+        try:
+            self._begin(model)
+        except BaseException:
+            # Keras does not wrap on_train_begin: undo (and unlock) here.
+            fit_exit.run_quietly(self._fit_exit)
+            raise
+
+    def _begin(self, model: Any) -> None:
+        """Coordinate, lock, restore and install this fit's hooks. Every process."""
         self._coordinator = strategies.coordinator_for(model)
         self._coordinator.begin(self.timeout)  # names unique to this fit
         log.set_process_index(self._coordinator.process_index)
@@ -316,6 +325,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         """Undo what on_train_begin installed for this fit; runs once, by any exit path."""
         if self._fit_exit is not None:  # not from on_train_end: fit is raising
             saving.attach_background_error(self._pipeline, sys.exc_info()[1])
+            # Another run (or this process's next fit) may use backup_dir once the
+            # save in flight, if any, has committed.
+            self._pipeline.when_idle(self._store.unlock)
         self.model._initial_epoch = None
         fit_loop.unguard_train_function(self.model)
         if self._preemption is not None:

@@ -7,9 +7,10 @@ of a fit (the SIGTERM handler and its listener, the guarded train function)
 must not outlive it, so `on_fit_exit` runs a cleanup once, at the first of:
 
 - `on_train_end`, which calls it (a `fit` that completed);
-- an exception leaving the running `fit`'s epoch loop or one of its callback
-  hooks: ft wraps `EpochIterator.catch_stop_iteration` and the epoch and batch
-  hooks of `fit`'s `CallbackList`, on those two instances only;
+- an exception leaving the callback's own `on_train_begin` (which calls it),
+  the running `fit`'s epoch loop or one of its callback hooks: ft wraps
+  `EpochIterator.catch_stop_iteration` and the epoch and batch hooks of
+  `fit`'s `CallbackList`, on those two instances only;
 - the end of that `CallbackList` (a weakref finalizer: any other path, once the
   exception is dropped), or the interpreter's exit;
 - the next `on_train_begin` of any ft callback in this process.
@@ -82,10 +83,10 @@ def run_pending() -> None:
     with _lock:
         left = list(_pending)
     for fit_exit in left:
-        _run_quietly(fit_exit)
+        run_quietly(fit_exit)
 
 
-def _run_quietly(fit_exit: FitExit) -> None:
+def run_quietly(fit_exit: FitExit) -> None:
     """Run a cleanup on an error path: its own error must not hide the one that ends fit."""
     try:
         fit_exit()
@@ -102,7 +103,7 @@ def _wrap_hook(target: Any, name: str, fit_exit: FitExit) -> None:
         try:
             return original(*args, **kwargs)
         except BaseException:
-            _run_quietly(fit_exit)
+            run_quietly(fit_exit)
             raise
 
     setattr(target, name, hook)
@@ -119,7 +120,7 @@ def _wrap_context(target: Any, name: str, fit_exit: FitExit) -> None:
             with original(*args, **kwargs) as value:
                 yield value
         except BaseException:
-            _run_quietly(fit_exit)
+            run_quietly(fit_exit)
             raise
 
     setattr(target, name, context)

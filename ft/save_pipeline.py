@@ -55,6 +55,9 @@ class SavePipeline:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._what = ""
+        self._state_lock = threading.Lock()
+        self._running = False  # a background save has not finished yet
+        self._after: list[Callable[[], None]] = []
         #: The last 100 commits: step, seconds to host, seconds to write and commit.
         self.history: collections.deque[dict[str, float]] = collections.deque(maxlen=100)
 
@@ -95,8 +98,12 @@ class SavePipeline:
                     type(e).__name__,
                     e,
                 )
+            finally:
+                self._finished()
 
         self._what = what
+        with self._state_lock:
+            self._running = True
         # Not a daemon: an interpreter that is exiting still finishes the commit.
         self._thread = threading.Thread(target=work, name="ft-save-pipeline")
         self._thread.start()
@@ -117,6 +124,30 @@ class SavePipeline:
         self.history.append(
             {"step": step, "to_host": to_host - start, "write": end - to_host, "total": end - start}
         )
+
+    def _finished(self) -> None:
+        """Run what waited for the save in flight to end. The pipeline's thread."""
+        with self._state_lock:
+            self._running = False
+            after, self._after = self._after, []
+        for action in after:
+            try:
+                action()
+            except Exception:
+                logger.exception("after the save in flight to %s ended", self.directory)
+
+    def when_idle(self, action: Callable[[], None]) -> None:
+        """Run `action` now if no save is in flight, else once it has ended. Any thread.
+
+        The pipeline's thread runs it before it ends, so a later `wait` returns
+        only after `action` has run. An error of `action` is logged, not raised,
+        when it runs on the pipeline's thread.
+        """
+        with self._state_lock:
+            if self._running:
+                self._after.append(action)
+                return
+        action()
 
     def wait(self, timeout: float) -> None:
         """Block until no save is in flight, at most `timeout` seconds; raise its error, once.

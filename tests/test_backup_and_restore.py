@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import ft
-from ft import errors
+from ft import errors, save_pipeline
+from ft.store import posix_lock
 from tests.helpers import ROOT, engine_env
 
 X = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
@@ -163,6 +164,8 @@ def test_damaged_backup_is_never_loaded_silently(damage: str, tmp_path: Path) ->
     where = victim if damage in ("truncate", "delete", "record") else backup / "state"
     assert str(where) in str(info.value)
     assert _committed(tmp_path / "b") == [backup]  # nothing older: nothing moved aside
+    # The fit raised in on_train_begin, after locking: backup_dir is free again.
+    assert posix_lock.holder(str(tmp_path / "b")) is None
 
 
 def test_damaged_backup_falls_back_to_an_older_intact_one(tmp_path: Path) -> None:
@@ -232,6 +235,35 @@ def test_second_live_run_on_same_backup_dir_is_refused(tmp_path: Path) -> None:
     make_model().fit(
         X, Y, batch_size=4, epochs=1, callbacks=[ft.BackupAndRestore(tmp_path)], verbose=0
     )
+
+
+def test_fit_that_raises_frees_backup_dir_once_its_save_in_flight_commits(tmp_path: Path) -> None:
+    callback = ft.BackupAndRestore(tmp_path, save_freq=2, async_save=True)
+    gate = threading.Event()
+    write = callback._store.write
+
+    def held_write(record, arrays):  # the save of step 2 stays in flight until the gate opens
+        gate.wait(60)
+        return write(record, arrays)
+
+    callback._store.write = held_write
+    try:
+        with pytest.raises(RuntimeError, match="interrupted"):
+            make_model().fit(
+                X, Y, batch_size=4, epochs=2, callbacks=[callback, Crash(5)], verbose=0
+            )
+        # The fit raised with a save in flight: the run still holds backup_dir ...
+        assert posix_lock.holder(str(tmp_path)) is not None
+        assert _committed(tmp_path) == []
+    finally:
+        gate.set()
+    # ... until that save has committed; then another run may take it over.
+    save_pipeline.for_directory(str(tmp_path)).wait(60)
+    assert [p.name for p in _committed(tmp_path)] == ["ft-step-0000000002"]
+    assert posix_lock.holder(str(tmp_path)) is None
+    resumed = ft.BackupAndRestore(tmp_path)
+    make_model().fit(X, Y, batch_size=4, epochs=2, callbacks=[resumed], verbose=0)
+    assert resumed.restored is not None and resumed.restored["step"] == 2
 
 
 def test_delete_checkpoint_removes_only_what_ft_wrote(tmp_path: Path) -> None:

@@ -97,6 +97,7 @@ def test_interrupted_fit_resumes_exactly_from_the_bucket(bucket) -> None:
     with pytest.raises(RuntimeError, match="interrupted"):
         fit(model, [ft.BackupAndRestore(bucket.url, save_freq=3), Crash(7)])
     assert "ft-step-0000000006/ft-commit.json" in objects(bucket.url)
+    assert not any(k.startswith(".ft-lease-") for k in objects(bucket.url)), "lease released"
     resumed = make_model()
     callback = ft.BackupAndRestore(bucket.url, save_freq=3)
     history = fit(resumed, [callback])
@@ -135,6 +136,9 @@ def test_damaged_object_is_detected_and_never_loaded(bucket, damage: str) -> Non
     for a, b in zip(before, model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert inspection.main([bucket.url]) == inspection.EXIT_DAMAGED
+    # fit raised after taking the lease: it gave the lease up (no renewing thread is left).
+    assert not any(k.startswith(".ft-lease-") for k in objects(bucket.url))
+    assert inspection.describe(bucket.url)["live_run"] is None
 
 
 def test_backup_without_its_marker_is_ignored_and_removed(bucket) -> None:

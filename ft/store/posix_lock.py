@@ -2,8 +2,9 @@
 
 Primary process only. The lock is an `flock` on `backup_dir/.ft-lock`: the
 kernel drops it when the holder dies, SIGKILL included, so a crashed run never
-blocks its own restart. Within one process the lock is re-entrant, so a `fit`
-that raised can be called again (the reference page's own example does).
+blocks its own restart. Within one process the lock is re-entrant. A `fit`
+that raises releases it once its save in flight has committed, so the next
+`fit` (the reference page's own example calls it again) takes it afresh.
 """
 
 from __future__ import annotations
