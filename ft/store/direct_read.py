@@ -107,7 +107,7 @@ def read(
         return Fallback("this machine is not little-endian")
     try:
         wheres = _locate(directory, requests)
-    except (Unusable, OSError, ValueError, KeyError, TypeError) as e:
+    except (Unusable, OSError, ValueError, LookupError, TypeError) as e:
         return Fallback(f"{type(e).__name__}: {e}")
     descriptors: dict[str, int] = {}
     try:
