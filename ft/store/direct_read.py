@@ -44,6 +44,7 @@ from ft.store import array_checksums
 _INDEX = struct.Struct("<QQ")  # the shard index of one inner chunk: offset, length
 _INDEX_BYTES = _INDEX.size + 4  # and its crc32c
 _LITTLE = {"name": "bytes", "configuration": {"endian": "little"}}
+_SLASH = {"name": "default", "configuration": {"separator": "/"}}
 
 
 class Unusable(Exception):
@@ -197,9 +198,6 @@ def _check_metadata(name: str, metadata: dict[str, Any], buffer: np.ndarray) -> 
     )
     if not expected:
         raise Unusable(f"array {name!r} is not one raw chunk: {json.dumps(metadata)[:300]}")
-
-
-_SLASH = {"name": "default", "configuration": {"separator": "/"}}
 
 
 def _read_one(where: _Where, descriptors: dict[str, int], crcs: dict[str, int]) -> None:
