@@ -304,10 +304,8 @@ def _hold_for_sigterm(seconds: float) -> None:
             previous(signum, frame)
 
     signal.signal(signal.SIGTERM, handler)
-    deadline = time.monotonic() + seconds
     try:
-        while not arrived.is_set() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        arrived.wait(seconds)  # the handler runs on this thread, inside the wait
     finally:
         signal.signal(signal.SIGTERM, previous)
 

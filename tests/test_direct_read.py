@@ -70,7 +70,7 @@ def test_every_array_lands_exactly_in_its_destination_in_order(tmp_path: Path) -
     requests = _requests(arrays)
     order: list[int] = []
     crcs = store.read_record(path).array_crc32c
-    assert direct_read.read(f"{path}/state", requests, crcs, order.append) is None
+    assert direct_read.read(f"{path}/state", requests, crcs, order.append, 2) is None
     assert order == list(range(len(requests)))
     for (name, got), saved in zip(requests, _flat(arrays), strict=True):
         assert got.dtype == saved.dtype and got.shape == saved.shape, name
@@ -103,7 +103,7 @@ def test_arrays_written_with_the_chunk_codec_are_read_by_tensorstore(tmp_path: P
     # TensorStore's chunk crc32c codec inside every shard: a layout `direct_read` does not read.
     assert array_io.write(checkpointer, state, arrays, owner=str(tmp_path))
     crcs = array_checksums.of_arrays(arrays)
-    fallback = direct_read.read(state, _requests(arrays), crcs, lambda i: None)
+    fallback = direct_read.read(state, _requests(arrays), crcs, lambda i: None, 2)
     assert fallback is not None and not fallback.mismatch
     assert "is not one raw chunk" in fallback.reason and "crc32c" in fallback.reason
     target = {group: [np.zeros_like(a) for a in values] for group, values in arrays.items()}
@@ -124,7 +124,7 @@ def test_a_flipped_array_byte_is_a_mismatch_and_the_restore_names_the_array(
     raw[at] ^= 0x01
     data.write_bytes(bytes(raw))
     crcs = store.read_record(path).array_crc32c
-    fallback = direct_read.read(f"{path}/state", _requests(arrays), crcs, lambda i: None)
+    fallback = direct_read.read(f"{path}/state", _requests(arrays), crcs, lambda i: None, 2)
     assert fallback is not None and fallback.mismatch
     assert "'model.0' does not match its recorded crc32c" in fallback.reason
     target = {group: [np.zeros_like(a) for a in values] for group, values in arrays.items()}
@@ -141,7 +141,7 @@ def test_a_truncated_data_file_is_handed_to_tensorstore_which_reports_it(
     with open(data, "r+b") as f:
         f.truncate(data.stat().st_size // 2)
     crcs = store.read_record(path).array_crc32c
-    fallback = direct_read.read(f"{path}/state", _requests(arrays), crcs, lambda i: None)
+    fallback = direct_read.read(f"{path}/state", _requests(arrays), crcs, lambda i: None, 2)
     assert fallback is not None and "ends early" in fallback.reason
     target = {group: [np.zeros_like(a) for a in values] for group, values in arrays.items()}
     with pytest.raises(errors.CheckpointCorruptedError, match="cannot be read"):
@@ -155,7 +155,7 @@ def test_a_target_of_another_shape_gets_tensorstores_clear_error(tmp_path: Path)
     target["model"][0] = np.zeros((200, 300), "float32")
     requests = [(array_io.orbax_name("model", 0), target["model"][0])]
     crcs = store.read_record(path).array_crc32c
-    fallback = direct_read.read(f"{path}/state", requests, crcs, lambda i: None)
+    fallback = direct_read.read(f"{path}/state", requests, crcs, lambda i: None, 2)
     assert fallback is not None and "not one raw chunk" in fallback.reason
     with pytest.raises(errors.CheckpointCorruptedError, match=r"shape \(300, 200\)"):
         store.read_arrays(path, target)

@@ -77,13 +77,22 @@ def new_checkpointer() -> Any:
     return ocp.Checkpointer(handler)
 
 
+def _cores() -> int:
+    """The cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def encoding_threads() -> int:
     """TensorStore threads that encode a save's chunks: half the cores this process may use."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // 2)
+    return max(1, _cores() // 2)
+
+
+def reading_threads() -> int:
+    """Threads that read a restore's arrays (`direct_read`): one per core, 2 to 8."""
+    return max(2, min(8, _cores()))
 
 
 def _snapshot_handler() -> Any:
@@ -242,7 +251,7 @@ def _read_whole(
     fallback: direct_read.Fallback | None = None
     if crcs:
         requests = list(zip(names, buffers, strict=True))
-        fallback = direct_read.read(directory, requests, crcs, landed)
+        fallback = direct_read.read(directory, requests, crcs, landed, reading_threads())
         if fallback is None:
             return out
         logger.debug("reading %s through TensorStore: %s", directory, fallback.reason)

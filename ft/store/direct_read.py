@@ -76,20 +76,12 @@ class _Where:
     value: bytes | None = None
 
 
-def threads() -> int:
-    """Reading threads: one per core this process may use, 2 to 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(2, min(8, cores))
-
-
 def read(
     directory: str,
     requests: Sequence[tuple[str, np.ndarray]],
     crcs: dict[str, int],
     landed: Callable[[int], None],
+    threads: int,
 ) -> Fallback | None:
     """Read every requested array of the OCDBT checkpoint in `directory`; None when done.
 
@@ -97,7 +89,7 @@ def read(
     writable C-contiguous host array of the stored shape and dtype. `crcs`
     holds every array's recorded crc32c. `landed(i)` runs on the calling
     thread once request `i` is read and checked, in order, while later ones
-    are still being read.
+    are still being read. `threads` threads read at once.
 
     Returns:
         None when every array was read and matched its crc32c, else a
@@ -117,7 +109,7 @@ def read(
                 descriptors[where.path] = os.open(where.path, os.O_RDONLY)
         # Read in file order; hand over in request order.
         order = sorted(range(len(wheres)), key=lambda i: (wheres[i].path, wheres[i].offset))
-        with ThreadPoolExecutor(threads(), thread_name_prefix="ft-read") as pool:
+        with ThreadPoolExecutor(threads, thread_name_prefix="ft-read") as pool:
             jobs = {i: pool.submit(_read_one, wheres[i], descriptors, crcs) for i in order}
             try:
                 for index in range(len(wheres)):
