@@ -16,11 +16,14 @@ process, on the same model and data, `fit` with each of these, right after a
 
 in two modes: saves spaced further apart than a save's background work takes
 (estimated from the limits below), and saves closer than that (`--close-every`
-steps, default: a third of that estimate). Per save it reports the time the
-training thread was blocked (measured inside `fit`, around the callback's hooks),
-the total time added to `fit` (against its baseline, each timed from the
-start of `fit` to the end of its callbacks' `on_train_end`, the wait for the
-last commit included), and the background pipeline's time; against the same bytes' limits:
+steps, default: a third of that estimate). Each `fit` has `--saves` saves
+due, then a tail of one interval less a step without any (spaced, the last
+pipeline ends there as the others did before the next save). Per save it
+reports the time the training thread was blocked (measured inside `fit`,
+around the callback's hooks), the total time added to `fit` (against its
+baseline, each timed from the start of `fit` to the end of its callbacks'
+`on_train_end`, the wait for the last commit included; that end alone is
+"fit's end"), and the background pipeline's time; against the same bytes' limits:
 one device-to-device copy, device-to-host copy (pageable and page-locked),
 memcpy, write + fsync, cold read. Restore time (the callback's `on_train_begin`
 inside `fit`) is compared with a cold read of the backup's files (cold when the
@@ -66,10 +69,10 @@ def _ratio(a: float | None, b: float | None) -> str:
 def tables(results: list[dict[str, Any]]) -> str:
     """Markdown: per-save costs with ratios, ft's stages, limits, restore."""
     lines = [
-        "| backend | model | mode (save every) | callback | blocked / save | added to fit / save "
-        "| pipeline / save | added / raw floor | added / keras B&R | saves moved (steps) "
-        "| peak extra host memory / state |",
-        "|" + "---|" * 11,
+        "| backend | model | mode (saves x every) | callback | blocked / save "
+        "| added to fit / save | fit's end | pipeline / save | added / raw floor "
+        "| added / keras B&R | saves moved (steps) | peak extra host memory / state |",
+        "|" + "---|" * 12,
     ]
     for res in results:
         for mode, m in res["modes"].items():
@@ -86,8 +89,9 @@ def tables(results: list[dict[str, Any]]) -> str:
                     moved = f"{c['moved_saves']:.0f} ({c['moved_steps']:.0f})"
                 lines.append(
                     f"| {res['backend']} | {res['size']} ({res['params'] / 1e6:.0f}M, "
-                    f"{res['state_bytes'] / 1e9:.2f} GB) | {mode} ({m['every']}) | {name} "
-                    f"| {_f(c['blocked_per_save'])} | {_f(c['added_per_save'])} "
+                    f"{res['state_bytes'] / 1e9:.2f} GB) | {mode} ({m['saves']} x {m['every']}) "
+                    f"| {name} | {_f(c['blocked_per_save'])} | {_f(c['added_per_save'])} "
+                    f"| {_f(c.get('end_wait'))} "
                     f"| {_f(c.get('pipeline_per_save'))} | {_ratio(c['added_per_save'], floor)} "
                     f"| {_ratio(c['added_per_save'], keras_br)} | {moved} "
                     f"| {c.get('extra_host_memory', float('nan')):.2f} |"

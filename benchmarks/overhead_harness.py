@@ -361,7 +361,11 @@ def run(size: str, saves: int, close_every: int | None, repeats: int) -> dict[st
                 ]
             )
             every = max(2, math.ceil(1.5 * slowest / max(step_seconds, 1e-6)))
-        steps = (saves + 1) * every
+        # `saves` saves come due (at steps every, 2 x every, ...), then a tail
+        # of every - 1 steps with none: spaced, the last save's pipeline ends
+        # in that tail as the others did before the next save; close, fit's
+        # end waits for it. No save falls on fit's last step unless every = 1.
+        steps = saves * every + every - 1
         runs: dict[str, list[dict[str, Any]]] = {}
         for r in range(repeats):
             makers = {

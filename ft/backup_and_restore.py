@@ -126,7 +126,9 @@ class BackupAndRestore(keras.callbacks.Callback):
             it commits (counted in `stats`), so training never stalls; with
             several workers the chief's write decides, for all of them. A background
             error surfaces at the next save or at the end of `fit`, and `fit`
-            returns only once the last backup is committed. `False` saves
+            returns only once the last backup is committed (a save still due
+            then is made when the backup is kept, and dropped when
+            `delete_checkpoint` deletes it anyway). `False` saves
             synchronously. `None` (the default) goes to the background for
             states of 32 MiB and more, where it pays, and saves small states
             synchronously (milliseconds). JAX multi-host saves are always
@@ -289,12 +291,14 @@ class BackupAndRestore(keras.callbacks.Callback):
             fit_exit_, self._fit_exit = self._fit_exit, None
             fit_exit_()
         keep = not self.delete_checkpoint and not self._preempted
-        if not self._preempted and (
-            self._due_step is not None or (keep and self._step > self._last_saved_step)
-        ):
-            # A save moved past the last step, or the final state to keep:
-            # the end of fit waits for it.
+        # A save moved past the last step is made here, unless the backups are
+        # about to be deleted: then it would be written only to be removed (a
+        # crash before the deletion resumes from the last committed backup).
+        dropped = self._due_step is not None and not keep and not self._preempted
+        if keep and (self._due_step is not None or self._step > self._last_saved_step):
+            # The final state to keep: the end of fit waits for it.
             self._save(*self._position(self._batch, fit_ended=True))
+        self._due_step = None
         start = time.perf_counter()
         self._pipeline.wait(self.timeout)  # fit returns only once the last backup is committed
         self.stats.add_blocked(time.perf_counter() - start)
@@ -310,6 +314,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             kept = f"kept the final state (step {self._step}) in {self._store.directory}"
         elif not self._preempted:
             kept = "backups deleted (delete_checkpoint=True)"
+            if dropped:
+                kept += "; the save due at fit's end was not written"
         writer = self._coordinator.is_chief or strategies.every_process_writes(self._coordinator)
         seconds = time.monotonic() - self._fit_start
         logger.info(report.end_message(self.stats, seconds, writer, kept))

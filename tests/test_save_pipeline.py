@@ -131,6 +131,33 @@ def test_saves_due_while_one_is_in_flight_move_and_training_goes_on(
     assert (tmp_path / "b" / "ft-step-0000000016").is_dir()
 
 
+def test_a_save_due_at_fits_end_is_not_written_when_the_backups_are_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    release = threading.Event()
+    written = held_writes(monkeypatch, release)
+
+    class Release(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if batch == 15:  # the last step: its save, due, has just moved
+                release.set()
+
+    callback = ft.BackupAndRestore(tmp_path / "b", save_freq=2, async_save=True)
+    ft_logger = logging.getLogger("ft")
+    ft_logger.addHandler(caplog.handler)
+    try:
+        make_model().fit(X, Y, batch_size=4, epochs=1, callbacks=[callback, Release()], verbose=0)
+    finally:
+        ft_logger.removeHandler(caplog.handler)
+    # Only the save in flight (step 2) was written, and waited for; the one
+    # moved past step 16 would have been deleted at once, so it was not made.
+    assert written == [2]
+    assert callback.stats.commits == 1
+    assert not list((tmp_path / "b").glob("ft-step-*"))
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit done")]
+    assert len(ends) == 1 and "the save due at fit's end was not written" in ends[0]
+
+
 def test_end_of_fit_wait_is_bounded_by_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

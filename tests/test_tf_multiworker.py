@@ -71,10 +71,11 @@ def test_saves_due_during_a_slow_write_move_on_every_worker_and_resume_exactly(
     # Every write of the chief takes 0.5 s longer and a save comes due every 2
     # steps: due saves move (the chief decides for both workers, neither
     # waits), and the group, restarted after worker 1 is killed, resumes
-    # exactly from whatever step the chief committed last.
+    # exactly from whatever step the chief committed last. The backup is kept
+    # (`--keep`), so a save still moved when fit ends is made then and counted.
     result = job(
         tmp_path / "w{index}.npz",
-        *("--backup-dir", str(tmp_path / "b"), "--save-freq", "2", "--async-save"),
+        *("--backup-dir", str(tmp_path / "b"), "--save-freq", "2", "--async-save", "--keep"),
         *("--slow-writes", "0.5", "--kill-at-step", "24", "--kill-worker", "1"),
         max_restarts=1,
     )
