@@ -65,12 +65,31 @@ def _flat(arrays: dict[str, list[np.ndarray]]) -> list[np.ndarray]:
     return [value for values in arrays.values() for value in values]
 
 
-def test_every_array_lands_exactly_in_its_destination_in_order(tmp_path: Path) -> None:
+def test_the_files_are_cut_into_runs_in_file_order_of_about_equal_bytes() -> None:
+    sizes = [100, 1, 1, 100, 50, 50, 1, 100]  # bytes, in file order
+    wheres = [
+        direct_read._Where(f"a{i}", np.zeros(size, np.uint8), path="f", offset=i)
+        for i, size in enumerate(sizes)
+    ]
+    order = list(range(len(sizes)))
+    for count in (1, 2, 3, 4, 20):
+        parts = direct_read._parts(order, wheres, count)
+        assert [i for part in parts for i in part] == order  # every array once, in order
+        assert 1 <= len(parts) <= count
+        largest = max(sum(sizes[i] for i in part) for part in parts)
+        assert largest <= sum(sizes) / len(parts) + max(sizes), (count, parts)
+    assert direct_read._parts(order, wheres, 3) == [[0, 1, 2], [3, 4], [5, 6, 7]]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 16])
+def test_every_array_lands_exactly_in_its_destination_in_order(
+    tmp_path: Path, threads: int
+) -> None:
     store, path, arrays = _saved(tmp_path)
     requests = _requests(arrays)
     order: list[int] = []
     crcs = store.read_record(path).array_crc32c
-    assert direct_read.read(f"{path}/state", requests, crcs, order.append, 2) is None
+    assert direct_read.read(f"{path}/state", requests, crcs, order.append, threads) is None
     assert order == list(range(len(requests)))
     for (name, got), saved in zip(requests, _flat(arrays), strict=True):
         assert got.dtype == saved.dtype and got.shape == saved.shape, name
