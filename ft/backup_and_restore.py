@@ -294,7 +294,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         # A save moved past the last step is made here, unless the backups are
         # about to be deleted: then it would be written only to be removed (a
         # crash before the deletion resumes from the last committed backup).
-        dropped = self._due_step is not None and not keep and not self._preempted
+        dropped = self._due_step is not None and self.delete_checkpoint and not self._preempted
         if keep and (self._due_step is not None or self._step > self._last_saved_step):
             # The final state to keep: the end of fit waits for it.
             self._save(*self._position(self._batch, fit_ended=True))

@@ -163,9 +163,12 @@ def _read_part(
                 return
             where = wheres[i]
             try:
-                if where.value is None and where.path not in descriptors:
-                    descriptors[where.path] = os.open(where.path, os.O_RDONLY)
-                _read_one(where, descriptors, crcs)
+                fd = -1
+                if where.value is None:
+                    if where.path not in descriptors:
+                        descriptors[where.path] = os.open(where.path, os.O_RDONLY)
+                    fd = descriptors[where.path]
+                _read_one(where, fd, crcs)
             except BaseException as e:  # handed to the caller, in request order
                 for j in part[position:]:
                     done[j].set_exception(e)
@@ -238,8 +241,11 @@ def _check_metadata(name: str, metadata: dict[str, Any], buffer: np.ndarray) -> 
         raise Unusable(f"array {name!r} is not one raw chunk: {json.dumps(metadata)[:300]}")
 
 
-def _read_one(where: _Where, descriptors: dict[str, int], crcs: dict[str, int]) -> None:
-    """Read one array's bytes and shard index; check both. A reading thread."""
+def _read_one(where: _Where, fd: int, crcs: dict[str, int]) -> None:
+    """Read one array's bytes and shard index (from `fd`, unless inline); check both.
+
+    A reading thread.
+    """
     index = memoryview(bytearray(_INDEX_BYTES))
     data = where.buffer.reshape(-1).view(np.uint8).data  # bfloat16 has no buffer format
     if where.value is not None:
@@ -248,7 +254,7 @@ def _read_one(where: _Where, descriptors: dict[str, int], crcs: dict[str, int]) 
         data[:] = where.value[: len(data)]
         index[:] = where.value[len(data) :]
     else:
-        fd, done, total = descriptors[where.path], 0, len(data) + _INDEX_BYTES
+        done, total = 0, len(data) + _INDEX_BYTES
         while done < total:
             parts = [data[done:], index] if done < len(data) else [index[done - len(data) :]]
             got = os.preadv(fd, parts, where.offset + done)
