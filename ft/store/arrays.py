@@ -14,7 +14,8 @@ cores, 0.26 GB of state; `docs/benchmark.md`):
 - Writes copy nothing: Orbax's numpy handler copies every host array before
   writing it (`deepcopy_host_arrays`), a guard against the caller changing
   them during an asynchronous save. ft hands Orbax a private snapshot that
-  nothing changes until the synchronous save returns, so it is written in place.
+  nothing changes until the synchronous save returns, so it is written in place
+  (orbax-checkpoint before 0.12.5 always copies; ft then says so once in the log).
 - Writes leave cores to training: TensorStore encodes (copies, and
   checksums with the chunk codec) chunks on `encoding_threads()` threads,
   half the cores, instead of one per core. With training on both cores,
@@ -40,6 +41,7 @@ cores, 0.26 GB of state; `docs/benchmark.md`):
 from __future__ import annotations
 
 import collections
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -95,14 +97,40 @@ def reading_threads() -> int:
     return max(2, min(8, _cores()))
 
 
+_told_orbax_copies = False
+
+
+def _say_orbax_copies(version: str) -> None:
+    """Say once in the log that this Orbax copies every host array before writing it."""
+    global _told_orbax_copies
+    if not _told_orbax_copies:
+        _told_orbax_copies = True
+        logger.info(
+            "orbax-checkpoint %s copies every array before writing it (it has no "
+            "`deepcopy_host_arrays` before 0.12.5): each save here holds one more copy of "
+            "the state in host memory and takes longer. `pip install -U orbax-checkpoint` "
+            "to save without it.",
+            version,
+        )
+
+
 def _snapshot_handler() -> Any:
     """Orbax's numpy handler for ft's snapshots: no copy, fewer encoding threads."""
     import orbax.checkpoint as ocp
 
+    # ft's snapshot is private and unchanged until save() returns: no copy of it.
+    # orbax-checkpoint before 0.12.5 has no such choice and copies every array.
+    init = ocp.type_handlers.NumpyHandler.__init__
+    no_copy = "deepcopy_host_arrays" in inspect.signature(init).parameters
+    if not no_copy:
+        _say_orbax_copies(ocp.__version__)
+
     class SnapshotHandler(ocp.type_handlers.NumpyHandler):  # type: ignore[misc]
-        # ft's snapshot is private and unchanged until save() returns: no copy of it.
         def __init__(self) -> None:
-            super().__init__(deepcopy_host_arrays=False)
+            if no_copy:
+                super().__init__(deepcopy_host_arrays=False)
+            else:
+                super().__init__()
 
         async def serialize(self, values: Any, infos: Any, args: Any = None) -> Any:
             # The save runs beside training: its chunks are encoded (copied, and
