@@ -300,7 +300,16 @@ def cold_read(directory: Path) -> float:
     return time.perf_counter() - start
 
 
-def run(size: str, saves: int, close_every: int | None, repeats: int) -> dict[str, Any]:
+def run(
+    size: str,
+    saves: int,
+    close_every: int | None,
+    repeats: int,
+    modes: tuple[str, ...] = ("close", "spaced"),
+    restores: int = 0,
+) -> dict[str, Any]:
+    """Measure `size` in `modes`; restore after the first (`restores` samples, or
+    at least `RESTORE_SAMPLES`)."""
     import keras
 
     import ft
@@ -348,7 +357,7 @@ def run(size: str, saves: int, close_every: int | None, repeats: int) -> dict[st
     }
     # Close saves first: their pipelines say how far apart "spaced" saves must be.
     close = close_every or max(1, math.ceil(0.3 * estimate / max(step_seconds, 1e-6)))
-    for mode in ("close", "spaced"):
+    for mode in modes:
         if mode == "close":
             every = close
         else:
@@ -357,7 +366,7 @@ def run(size: str, saves: int, close_every: int | None, repeats: int) -> dict[st
                 + [
                     r.get("pipeline_per_save") or 0.0
                     for name in ("raw_floor", "ft")
-                    for r in result["modes"]["close"]["runs"][name]
+                    for r in result["modes"].get("close", {"runs": {name: []}})["runs"][name]
                 ]
             )
             every = max(2, math.ceil(1.5 * slowest / max(step_seconds, 1e-6)))
@@ -418,8 +427,9 @@ def run(size: str, saves: int, close_every: int | None, repeats: int) -> dict[st
                 shutil.rmtree(d, ignore_errors=True)
         result["modes"][mode] = {"every": every, "saves": saves, "steps": steps, "runs": runs}
         _partial(result)
-        if mode == "close":
-            result["restore"] = restore(model, fit, work, repeats)
+        if mode == modes[0]:
+            samples = restores or max(repeats, RESTORE_SAMPLES)
+            result["restore"] = restore(model, fit, work, samples)
             _partial(result)
     shutil.rmtree(work, ignore_errors=True)
     return result
@@ -444,15 +454,15 @@ def warm_up(work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def restore(model: Any, fit: Any, work: Path, repeats: int) -> dict[str, list[float]]:
+def restore(model: Any, fit: Any, work: Path, samples: int) -> dict[str, list[float]]:
     """Restore time (`on_train_begin`, inside `fit`) against a cold read of the same files.
 
-    At least `RESTORE_SAMPLES` of each (a few seconds each): one cold read or restore
-    varies by up to 2 x on a shared virtual machine, and the tables take medians.
+    `samples` of each (a few seconds each): one cold read or restore varies by up
+    to 2 x on a shared virtual machine, and the tables take medians.
     """
 
     out: dict[str, list[float]] = {}
-    for r in range(max(repeats, RESTORE_SAMPLES)):
+    for r in range(samples):
         names = ["ft", "keras_backup_and_restore"]
         for name in names[r % 2 :] + names[: r % 2]:
             d = work / f"restore-{name}-{r}"

@@ -234,6 +234,38 @@ def test_benchmark_gpu_mode_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert "keras_orbax_checkpoint" in table and "ft / cold read" in table
 
 
+def test_benchmark_runs_the_modes_asked_for_with_their_restore_samples(tmp_path: Path) -> None:
+    # What a short GPU lease runs: one mode, a few restore samples (benchmarks/gpu_check.sh).
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "checkpoint_overhead.py"),
+            *("--mode", "gpu", "--sizes", "tiny", "--saves", "2"),
+            *("--modes", "spaced", "--restores", "2", "--out", str(tmp_path)),
+        ],
+        env=engine_env("jax", FT_BENCH_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (result,) = json.loads((tmp_path / "benchmark-gpu.json").read_text())
+    assert set(result["modes"]) == {"spaced"}
+    ft_run = result["modes"]["spaced"]["runs"]["ft"][0]
+    assert len(result["restore"]["ft_restore"]) == 2
+    # The table says how many of the saves that came due were written.
+    table = (tmp_path / "benchmark-gpu.md").read_text()
+    assert f"), {ft_run['commits']} of 2 |" in table
+    # A run cut short before its restores (kept from FT_BENCH_PARTIAL) still tabulates.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from checkpoint_overhead import tables
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    del result["restore"]
+    assert "| jax | tiny | not measured |" in tables([result])
+
+
 def test_background_error_is_chained_to_the_exception_that_ends_fit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
