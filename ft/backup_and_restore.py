@@ -290,32 +290,30 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._fit_exit is not None:
             fit_exit_, self._fit_exit = self._fit_exit, None
             fit_exit_()
+        delete = self.delete_checkpoint and not self._preempted
         keep = not self.delete_checkpoint and not self._preempted
         # A save moved past the last step is made here, unless the backups are
         # about to be deleted: then it would be written only to be removed (a
         # crash before the deletion resumes from the last committed backup).
-        dropped = self._due_step is not None and self.delete_checkpoint and not self._preempted
+        dropped = self._due_step is not None and delete
+        if dropped and self._due_step is not None:  # it moved, to past the end
+            self.stats.add_moved(self._step - self._due_step)
         if keep and (self._due_step is not None or self._step > self._last_saved_step):
             # The final state to keep: the end of fit waits for it.
             self._save(*self._position(self._batch, fit_ended=True))
         self._due_step = None
-        start = time.perf_counter()
-        self._pipeline.wait(self.timeout)  # fit returns only once the last backup is committed
-        self.stats.add_blocked(time.perf_counter() - start)
-        self._snapshotter.release()
-        # Deleted once, by the chief, after every worker is done with the backup.
-        self._coordinator.barrier("train-end", self.timeout)
-        if self._coordinator.is_chief:
-            if self.delete_checkpoint and not self._preempted:
-                self._store.delete()
-            self._store.unlock()
-        kept = f"the backup of step {self._last_saved_step} is kept for the restart"
-        if keep:
-            kept = f"kept the final state (step {self._step}) in {self._store.directory}"
-        elif not self._preempted:
-            kept = "backups deleted (delete_checkpoint=True)"
-            if dropped:
-                kept += "; the save due at fit's end was not written"
+        saving.finish_fit(
+            self._store,
+            self._coordinator,
+            self._pipeline,
+            self._snapshotter,
+            self.stats,
+            delete=delete,
+            timeout=self.timeout,
+        )
+        kept = report.what_is_kept(
+            keep, self._preempted, dropped, self._last_saved_step, self._step, self._store.directory
+        )
         writer = self._coordinator.is_chief or strategies.every_process_writes(self._coordinator)
         seconds = time.monotonic() - self._fit_start
         logger.info(report.end_message(self.stats, seconds, writer, kept))

@@ -118,6 +118,29 @@ def end_message(stats: SaveStats, fit_seconds: float, writer: bool, kept: str) -
     )
 
 
+def what_is_kept(
+    kept_final: bool, preempted: bool, dropped: bool, last_saved: int, step: int, directory: str
+) -> str:
+    """The end line's account of `backup_dir` once `fit` is done (`end_message`'s `kept`).
+
+    Args:
+        kept_final: Whether the final state was kept (`delete_checkpoint=False`).
+        preempted: Whether `fit` ended for a preemption (the backup stays for the restart).
+        dropped: Whether a save still due at the end was not written (the backups go).
+        last_saved: Step of the last backup made.
+        step: The last step of `fit`.
+        directory: Where the backups are.
+    """
+    if preempted:
+        return f"the backup of step {last_saved} is kept for the restart"
+    if kept_final:
+        return f"kept the final state (step {step}) in {directory}"
+    kept = "backups deleted (delete_checkpoint=True)"
+    if dropped:
+        kept += "; the save due at fit's end was not written"
+    return kept
+
+
 def how_saved(async_save: bool | None, collective: bool, state_bytes: int, threshold: int) -> str:
     """How backups are written: in the background or synchronously, and why."""
     if collective:

@@ -13,7 +13,7 @@ import pytest
 
 import ft
 from ft import inspection, log
-from ft.report import SaveStats
+from ft.report import SaveStats, what_is_kept
 
 
 @pytest.fixture
@@ -55,6 +55,18 @@ def test_save_stats_counts() -> None:
     assert stats.commits == 2 and stats.bytes_per_backup == 200
     assert stats.blocked_seconds == pytest.approx(0.75)
     assert (stats.moved_saves, stats.moved_steps) == (2, 5)
+
+
+def test_the_end_line_says_what_is_left_in_backup_dir() -> None:
+    def kept(final: bool, preempted: bool, dropped: bool) -> str:
+        return what_is_kept(final, preempted, dropped, 8, 10, "/b")
+
+    assert kept(False, True, False) == "the backup of step 8 is kept for the restart"
+    assert kept(True, False, False) == "kept the final state (step 10) in /b"
+    assert kept(False, False, False) == "backups deleted (delete_checkpoint=True)"
+    assert kept(False, False, True) == (
+        "backups deleted (delete_checkpoint=True); the save due at fit's end was not written"
+    )
 
 
 def test_begin_and_end_lines_say_what_ft_does(tmp_path: Path, ft_lines: list[str]) -> None:

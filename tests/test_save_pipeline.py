@@ -154,8 +154,11 @@ def test_a_save_due_at_fits_end_is_not_written_when_the_backups_are_deleted(
     assert written == [2]
     assert callback.stats.commits == 1
     assert not list((tmp_path / "b").glob("ft-step-*"))
+    # It came due at step 4 and moved (one was in flight) to past the end: counted.
+    assert (callback.stats.moved_saves, callback.stats.moved_steps) == (1, 12)
     ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit done")]
     assert len(ends) == 1 and "the save due at fit's end was not written" in ends[0]
+    assert "saves moved because one was in flight: 1 (by 12 steps in all)" in ends[0]
 
 
 def test_end_of_fit_wait_is_bounded_by_timeout(
