@@ -174,7 +174,7 @@ def main() -> None:
         "--modes", nargs="+", choices=["close", "spaced"], default=["close", "spaced"]
     )
     parser.add_argument(
-        "--restores", type=int, default=0, help="restore samples (default: 7, or --repeats)"
+        "--restores", type=int, default=0, help="restore samples (default 7, or --repeats if more)"
     )
     parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--time-limit", type=float, default=None, help="seconds per child")
