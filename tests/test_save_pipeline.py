@@ -269,6 +269,25 @@ def test_benchmark_runs_the_modes_asked_for_with_their_restore_samples(tmp_path:
     assert "| jax | tiny | not measured |" in tables([result])
 
 
+def test_host_contention_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "host_contention.py"),
+            *("--mb", "8", "--samples", "1"),
+        ],
+        env=engine_env("jax", FT_BENCH_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    names = [row.split(" | ")[0].strip("| ") for row in rows]
+    assert names[:4] == ["raw write", "ft store write", "orbax write", "crc32c google"]
+    assert not list(tmp_path.glob("ft-contention-*"))  # it cleans up
+
+
 def test_background_error_is_chained_to_the_exception_that_ends_fit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
