@@ -112,6 +112,9 @@ def test_random_sigkills_while_saving_every_batch(backend: str, tmp_path: Path) 
                 "--save-freq",
                 "1",
                 "--async-save",
+                # The kill can land after fit's last steps, once fit's end has run:
+                # kept, its backups stay (deleted, nothing would be left to resume).
+                "--keep",
             ],
             env=engine_env(backend),
             stdout=subprocess.PIPE,

@@ -206,27 +206,26 @@ def test_save_overlapping_training_captures_its_step_bit_for_bit(
     assert result["interrupted_vs_uninterrupted"]["bit_identical"]
 
 
-@pytest.mark.slow
-def test_benchmark_gpu_mode_runs_at_a_tiny_size(tmp_path: Path) -> None:
+def run_benchmark(script: str, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `benchmarks/<script>` under JAX, its scratch files in `out`; it must succeed."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "checkpoint_overhead.py"),
-            "--mode",
-            "gpu",
-            "--sizes",
-            "tiny",
-            "--saves",
-            "1",
-            "--out",
-            str(tmp_path),
-        ],
-        env=engine_env("jax", FT_BENCH_DIR=str(tmp_path)),
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        env=engine_env("jax", FT_BENCH_DIR=str(out)),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_benchmark_gpu_mode_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    run_benchmark(
+        "checkpoint_overhead.py",
+        tmp_path,
+        *("--mode", "gpu", "--sizes", "tiny", "--saves", "1", "--out", str(tmp_path)),
+    )
     (result,) = json.loads((tmp_path / "benchmark-gpu.json").read_text())
     assert set(result["modes"]) == {"close", "spaced"}
     for mode in result["modes"].values():
@@ -239,19 +238,12 @@ def test_benchmark_gpu_mode_runs_at_a_tiny_size(tmp_path: Path) -> None:
 
 def test_benchmark_runs_the_modes_asked_for_with_their_restore_samples(tmp_path: Path) -> None:
     # What a short GPU lease runs: one mode, a few restore samples (benchmarks/gpu_check.sh).
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "checkpoint_overhead.py"),
-            *("--mode", "gpu", "--sizes", "tiny", "--saves", "2"),
-            *("--modes", "spaced", "--restores", "2", "--out", str(tmp_path)),
-        ],
-        env=engine_env("jax", FT_BENCH_DIR=str(tmp_path)),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_benchmark(
+        "checkpoint_overhead.py",
+        tmp_path,
+        *("--mode", "gpu", "--sizes", "tiny", "--saves", "2", "--modes", "spaced"),
+        *("--restores", "2", "--out", str(tmp_path)),
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     (result,) = json.loads((tmp_path / "benchmark-gpu.json").read_text())
     assert set(result["modes"]) == {"spaced"}
     ft_run = result["modes"]["spaced"]["runs"]["ft"][0]
@@ -270,18 +262,7 @@ def test_benchmark_runs_the_modes_asked_for_with_their_restore_samples(tmp_path:
 
 
 def test_host_contention_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "host_contention.py"),
-            *("--mb", "8", "--samples", "1"),
-        ],
-        env=engine_env("jax", FT_BENCH_DIR=str(tmp_path)),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = run_benchmark("host_contention.py", tmp_path, "--mb", "8", "--samples", "1")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
     names = [row.split(" | ")[0].strip("| ") for row in rows]
     assert names[:4] == ["raw write", "ft store write", "orbax write", "crc32c google"]
