@@ -366,7 +366,7 @@ def run(
                 + [
                     r.get("pipeline_per_save") or 0.0
                     for name in ("raw_floor", "ft")
-                    for r in result["modes"].get("close", {"runs": {name: []}})["runs"][name]
+                    for r in result["modes"].get("close", {}).get("runs", {}).get(name, [])
                 ]
             )
             every = max(2, math.ceil(1.5 * slowest / max(step_seconds, 1e-6)))

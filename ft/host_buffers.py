@@ -19,14 +19,13 @@ the log, naming the TensorFlow version.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from ft.log import get_logger
-
-logger = get_logger()
+from ft import log
 
 # JAX's CPU client and TensorFlow use a host buffer in place from this alignment.
 ALIGN = 64
@@ -35,7 +34,6 @@ ALIGN = 64
 Allocate = Callable[[tuple[int, ...], np.dtype], tuple[np.ndarray, Any]]
 
 _shared_views: dict[str, bool] = {}  # numpy dtype name -> TF's view shares memory
-_warned = False
 
 
 def aligned(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +85,6 @@ def _view(tensor: Any) -> np.ndarray | None:
 
 def _view_is_shared(tf: Any, dtype: np.dtype) -> bool:
     """Whether values written into `_numpy()`'s array are the tensor's. Once per dtype."""
-    global _warned
     key = np.dtype(dtype).name
     if key not in _shared_views:
         shared = False
@@ -99,9 +96,10 @@ def _view_is_shared(tf: Any, dtype: np.dtype) -> bool:
             # Computed by TensorFlow from its own buffer.
             shared = float(tf.reduce_sum(tf.cast(tensor, tf.float64))) == 2.0
         _shared_views[key] = shared
-        if not shared and not _warned:
-            _warned = True
-            logger.info(
+        if not shared:
+            log.say_once(
+                "tf-view-is-a-copy",
+                logging.INFO,
                 "TensorFlow %s: EagerTensor._numpy() does not share the tensor's memory "
                 "(dtype %s); restores read into numpy buffers and TensorFlow copies them",
                 tf.__version__,

@@ -20,6 +20,7 @@ import os
 
 _FORMAT = "ft [process=%(ft_process)s] %(levelname)s: %(message)s"
 _engine_index: int | None = None
+_said: set[str] = set()
 
 
 def set_process_index(index: int) -> None:
@@ -59,3 +60,10 @@ def get_logger() -> logging.Logger:
         elif logger.level == logging.NOTSET:
             logger.setLevel(logging.INFO)
     return logger
+
+
+def say_once(key: str, level: int, message: str, *args: object) -> None:
+    """Log `message` (with `args`) the first time `key` is said in this process; any thread."""
+    if key not in _said:
+        _said.add(key)
+        get_logger().log(level, message, *args)

@@ -20,7 +20,7 @@ import pytest
 import tensorstore as ts
 
 import ft
-from ft import errors
+from ft import errors, log
 from ft.metadata import BackupRecord
 from ft.store import array_checksums
 from ft.store import arrays as array_io
@@ -92,7 +92,7 @@ def _flip_inside(backup: Path, value: np.ndarray) -> None:
 def codec_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes take the chunk-codec path (as before array crc32cs, or without the C crc32c)."""
     monkeypatch.setattr(google_crc32c, "implementation", "python")
-    monkeypatch.setattr(array_checksums, "_told_no_c", False)
+    monkeypatch.setattr(log, "_said", set())  # said once per process
 
 
 def _as_version_1(backup: Path) -> None:

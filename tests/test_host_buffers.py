@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from ft import host_buffers
+from ft import host_buffers, log
 
 tf = pytest.importorskip("tensorflow")
 
@@ -43,7 +43,7 @@ def test_where_the_view_is_a_copy_numpy_buffers_are_used_and_said_once(
 ) -> None:
     # A TensorFlow whose `_numpy()` hands out a copy, not the tensor's memory.
     monkeypatch.setattr(host_buffers, "_shared_views", {})
-    monkeypatch.setattr(host_buffers, "_warned", False)
+    monkeypatch.setattr(log, "_said", set())  # said once per process
     real_view = host_buffers._view
     monkeypatch.setattr(
         host_buffers, "_view", lambda tensor: None if (v := real_view(tensor)) is None else v.copy()

@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from ft import log
 from ft.metadata import BackupRecord
 from ft.store import arrays as array_io
 from ft.store.posix import PosixStore
@@ -113,7 +114,7 @@ def test_a_save_neither_copies_the_snapshot_nor_encodes_on_every_core(
         "deepcopy_host_arrays"
         in inspect.signature(ocp.type_handlers.NumpyHandler.__init__).parameters
     )
-    monkeypatch.setattr(array_io, "_told_orbax_copies", False)
+    monkeypatch.setattr(log, "_said", set())  # said once per process
 
     arrays = {"model": [np.arange(1000, dtype="float32"), np.ones((20, 30), "float32")]}
     copied: list[Any] = []

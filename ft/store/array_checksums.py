@@ -22,19 +22,17 @@ C extension (its pure-Python fallback would be far slower than the codec).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
-from ft.log import get_logger
-
-logger = get_logger()
+from ft import log
 
 # Bytes per `extend` call. google-crc32c (1.9) releases the GIL only for `bytes`
 # of 1 MB and more, not for a numpy buffer: each call holds the GIL for its whole
 # piece, about 0.7 ms for 8 MB, so the training thread is never held for long.
 PIECE = 8 << 20
-_told_no_c = False
 
 
 def usable(arrays: dict[str, list[Any]]) -> bool:
@@ -47,7 +45,6 @@ def usable(arrays: dict[str, list[Any]]) -> bool:
 
 def _c_implementation() -> bool:
     """Whether google-crc32c runs its C extension; says once in the log when it does not."""
-    global _told_no_c
     try:
         import google_crc32c
 
@@ -56,15 +53,15 @@ def _c_implementation() -> bool:
         implementation = "missing"
     if implementation == "c":
         return True
-    if not _told_no_c:
-        _told_no_c = True
-        logger.info(
-            "google-crc32c's C extension is not available here (implementation=%r): its "
-            "pure-Python crc32c is far too slow for every array byte, so this process "
-            "writes backups with TensorStore's per-chunk crc32c codec instead (slower "
-            "saves and restores, same guarantees).",
-            implementation,
-        )
+    log.say_once(
+        "no-c-crc32c",
+        logging.INFO,
+        "google-crc32c's C extension is not available here (implementation=%r): its "
+        "pure-Python crc32c is far too slow for every array byte, so this process "
+        "writes backups with TensorStore's per-chunk crc32c codec instead (slower "
+        "saves and restores, same guarantees).",
+        implementation,
+    )
     return False
 
 

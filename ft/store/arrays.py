@@ -42,13 +42,14 @@ from __future__ import annotations
 
 import collections
 import inspect
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from ft import host_buffers
+from ft import host_buffers, log
 from ft.log import get_logger
 from ft.store import array_checksums, chunk_checksums, direct_read
 
@@ -97,23 +98,6 @@ def reading_threads() -> int:
     return max(2, min(8, _cores()))
 
 
-_told_orbax_copies = False
-
-
-def _say_orbax_copies(version: str) -> None:
-    """Say once in the log that this Orbax copies every host array before writing it."""
-    global _told_orbax_copies
-    if not _told_orbax_copies:
-        _told_orbax_copies = True
-        logger.info(
-            "orbax-checkpoint %s copies every array before writing it (it has no "
-            "`deepcopy_host_arrays` before 0.12.5): each save here holds one more copy of "
-            "the state in host memory and takes longer. `pip install -U orbax-checkpoint` "
-            "to save without it.",
-            version,
-        )
-
-
 def _snapshot_handler() -> Any:
     """Orbax's numpy handler for ft's snapshots: no copy, fewer encoding threads."""
     import orbax.checkpoint as ocp
@@ -123,7 +107,15 @@ def _snapshot_handler() -> Any:
     init = ocp.type_handlers.NumpyHandler.__init__
     no_copy = "deepcopy_host_arrays" in inspect.signature(init).parameters
     if not no_copy:
-        _say_orbax_copies(ocp.__version__)
+        log.say_once(
+            "orbax-copies",
+            logging.INFO,
+            "orbax-checkpoint %s copies every array before writing it (it has no "
+            "`deepcopy_host_arrays` before 0.12.5): each save here holds one more copy of "
+            "the state in host memory and takes longer. `pip install -U orbax-checkpoint` "
+            "to save without it.",
+            ocp.__version__,
+        )
 
     class SnapshotHandler(ocp.type_handlers.NumpyHandler):  # type: ignore[misc]
         def __init__(self) -> None:

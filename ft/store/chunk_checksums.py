@@ -28,20 +28,18 @@ every file at commit, and says so once in the log.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
 
-from ft.log import get_logger
-
-logger = get_logger()
+from ft import log
 
 CODEC = {"name": "crc32c"}
 
 _lock = threading.Lock()
 _active: dict[str, Tracker] = {}  # directory prefix -> its tracker
 _installed: bool | None = None  # None: not tried yet
-_warned = False
 
 
 class Tracker:
@@ -125,12 +123,12 @@ def checksummed(directory: str) -> Iterator[Tracker]:
     finally:
         with _lock:
             _active.pop(directory, None)
-        global _warned
-        if not tracker.applied and (tracker.seen or not _installed) and not _warned:
-            _warned = True
+        if not tracker.applied and (tracker.seen or not _installed):
             import orbax.checkpoint as ocp
 
-            logger.warning(
+            log.say_once(
+                "no-chunk-crc32c",
+                logging.WARNING,
                 "orbax-checkpoint %s writes arrays in a way ft cannot add a per-chunk "
                 "crc32c to; every file is checksummed at commit instead (slower saves "
                 "and restores, same guarantees).",
