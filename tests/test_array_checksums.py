@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +253,86 @@ def test_crc32c_matches_google_crc32c_for_views_and_scalars() -> None:
         expected = google_crc32c.value(np.ascontiguousarray(array).tobytes())
         assert array_checksums.crc32c(np.asarray(array)) == expected
     assert value.flags.writeable  # the caller's array is left writeable
+
+
+def _runs_beside(crc: Callable[[np.ndarray], int]) -> int:
+    """How often this thread ran while another thread checksummed 1 GiB (4 x 256 MiB),
+    with a switch interval (10 s) far longer than that: never when the checksum holds
+    the GIL, since the other thread then gives it up only when it ends."""
+    big = np.ones(256 << 20, np.uint8)
+    entered, done = threading.Event(), threading.Event()
+
+    def work() -> None:
+        entered.set()
+        for _ in range(4):
+            crc(big)
+        done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        thread = threading.Thread(target=work)
+        thread.start()
+        assert entered.wait(60)
+        runs = 0
+        while not done.is_set():
+            runs += 1
+            time.sleep(1e-4)  # gives the GIL back, for the checksum's thread to end
+        thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    return runs
+
+
+@pytest.fixture
+def held_gil(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """crc32c takes its fallback: google-crc32c's Python `extend`, which holds the GIL."""
+    monkeypatch.setattr(log, "_said", set())
+    monkeypatch.setattr(array_checksums, "_find_c_extend", lambda: (None, "not here"))
+    array_checksums._gil_free_extend.cache_clear()
+    yield
+    array_checksums._gil_free_extend.cache_clear()
+
+
+def test_crc32c_releases_the_gil_for_a_training_thread() -> None:
+    """ft calls google-crc32c's C library itself so that a thread dispatching training
+    steps runs beside a save's checksum pass (benchmarks/host_contention.py)."""
+    assert array_checksums.gil_free()
+    assert _runs_beside(array_checksums.crc32c) > 0
+
+
+def test_crc32c_without_the_gil_free_path_says_so_and_gives_the_same_values(
+    held_gil: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    arrays = _arrays()
+    expected = {
+        name: google_crc32c.value(np.ascontiguousarray(value).tobytes())
+        for name, value in zip(
+            [array_io.orbax_name(g, i) for g, vs in arrays.items() for i in range(len(vs))],
+            [v for vs in arrays.values() for v in vs],
+            strict=True,
+        )
+    }
+    with caplog.at_level(logging.INFO, logger="ft"):
+        assert array_checksums.of_arrays(arrays) == expected
+        assert not array_checksums.gil_free()
+        assert _runs_beside(array_checksums.crc32c) == 0  # the check above can fail
+    said = [r.getMessage() for r in caplog.records if "without the GIL" in r.getMessage()]
+    assert len(said) == 1 and "not here" in said[0] and "pip install" in said[0]
+
+
+def test_a_crc32c_function_that_disagrees_with_google_crc32c_is_not_used() -> None:
+    import ctypes
+
+    from google_crc32c import _crc32c  # type: ignore[attr-defined]
+
+    right = ctypes.CDLL(_crc32c.__file__).crc32c_extend
+    right.restype = ctypes.c_uint32
+    right.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+    assert array_checksums._disagreement(right) == ""
+    assert "standard check value" in array_checksums._disagreement(lambda crc, at, n: 0)
+    off_by_one = array_checksums._disagreement(lambda crc, at, n: right(crc, at, n - (n > 9)))
+    assert "4099 bytes" in off_by_one
 
 
 def test_arrays_not_on_the_host_keep_the_chunk_codec(tmp_path: Path) -> None:

@@ -265,7 +265,14 @@ def test_host_contention_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
     proc = run_benchmark("host_contention.py", tmp_path, "--mb", "8", "--samples", "1")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
     names = [row.split(" | ")[0].strip("| ") for row in rows]
-    assert names[:4] == ["raw write", "ft store write", "orbax write", "crc32c google"]
+    assert names[:5] == [
+        "raw write",
+        "ft store write",
+        "orbax write",
+        "crc32c ft",
+        "crc32c google extend",
+    ]
+    assert "ft's crc32c releases the GIL here: True" in proc.stdout
     assert not list(tmp_path.glob("ft-contention-*"))  # it cleans up
 
 
