@@ -131,8 +131,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             `delete_checkpoint` deletes it anyway). `False` saves
             synchronously. `None` (the default) goes to the background for
             states of 32 MiB and more, where it pays, and saves small states
-            synchronously (milliseconds). JAX multi-host saves are always
-            synchronous.
+            synchronously (milliseconds). Under JAX multi-host every
+            process writes its own shards this way, from a device copy.
 
     Attributes:
         stats: `ft.report.SaveStats` of the current (or last) `fit`: backups

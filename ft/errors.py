@@ -83,3 +83,11 @@ class IncompatibleKerasError(FTError, RuntimeError):
     Raised instead of resuming at the wrong batch. The message names the
     installed Keras version and what was found.
     """
+
+
+class IncompatibleEngineError(FTError, RuntimeError):
+    """The installed engine (JAX, TensorFlow) no longer behaves as ft relies on.
+
+    Raised instead of writing a backup that could be wrong. The message names
+    the installed version, what was found, and what to do meanwhile.
+    """

@@ -143,12 +143,12 @@ def what_is_kept(
 
 def how_saved(async_save: bool | None, collective: bool, state_bytes: int, threshold: int) -> str:
     """How backups are written: in the background or synchronously, and why."""
-    if collective:
-        return "synchronously, every process writing its own shards"
     if async_save is None:
         where = "in the background" if state_bytes >= threshold else "synchronously"
-        return f"{where} (state {_size(state_bytes)}; in the background from {_size(threshold)})"
-    return "in the background" if async_save else "synchronously"
+        where = f"{where} (state {_size(state_bytes)}; in the background from {_size(threshold)})"
+    else:
+        where = "in the background" if async_save else "synchronously"
+    return f"{where}, every process writing its own shards" if collective else where
 
 
 def state_nbytes(variables: dict[str, list[Any]]) -> int:

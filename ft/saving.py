@@ -49,13 +49,17 @@ def save_now(
     Call on all processes.
     """
     if strategies.every_process_writes(coordinator):
-        # Every process writes its shards of live device arrays: synchronous.
-        arrays = training_state.live_values(variables)
-        record = build_record(input_state, coordinator, step, epoch, batch, at_epoch_end, variables)
-        began = time.perf_counter()
-        path = store.write_collective(record, arrays, coordinator, timeout)
-        stats.add_commit(training_state.nbytes(arrays), time.perf_counter() - began)
-        logger.debug("committed epoch %d, batch %d (step %d) to %s", epoch, batch, step, path)
+        _save_shards(
+            variables,
+            store,
+            coordinator,
+            pipeline,
+            snapshotter,
+            stats,
+            async_save,
+            timeout,
+            build_record(input_state, coordinator, step, epoch, batch, at_epoch_end, variables),
+        )
         return
     if coordinator.is_chief:
         # At most one save in flight: its buffers are reused by this snapshot.
@@ -78,21 +82,66 @@ def save_now(
     pipeline.run(step, snapshot, write, stats, background, timeout)
 
 
+def _save_shards(
+    variables: dict[str, list[Any]],
+    store: BackupStore,
+    coordinator: strategies.Coordinator,
+    pipeline: save_pipeline.SavePipeline,
+    snapshotter: Snapshotter,
+    stats: report.SaveStats,
+    async_save: bool | None,
+    timeout: float,
+    record: BackupRecord,
+) -> None:
+    """Every process writes its own shards (JAX multi-host). Call on all processes.
+
+    Each process's pipeline writes a device copy of the state, on its own
+    thread when the save goes to the background; the processes meet through
+    the pipeline thread's own barriers and keys. When the device has no room
+    for the copy, the live arrays are written here, before training goes on.
+    """
+    pipeline.wait(timeout)  # one save in flight per process
+    snapshot = snapshotter.take_sharded(variables)
+    saves = coordinator.for_thread("saves")
+
+    def write(arrays: dict[str, Any]) -> str:
+        path = store.write_collective(record, arrays, saves, timeout)
+        logger.debug(
+            "committed epoch %d, batch %d (step %d) to %s",
+            record.epoch,
+            record.batch,
+            record.step,
+            path,
+        )
+        return path
+
+    if snapshot is None:
+        arrays = training_state.live_values(variables)
+        began = time.perf_counter()
+        write(arrays)
+        stats.add_commit(training_state.nbytes(arrays), time.perf_counter() - began)
+        return
+    background = async_save
+    if background is None:
+        # The global size: the same decision on every process.
+        background = snapshot.nbytes >= ASYNC_THRESHOLD_BYTES
+    pipeline.run(record.step, snapshot, write, stats, background, timeout)
+
+
 def save_moves(
     coordinator: strategies.Coordinator, pipeline: save_pipeline.SavePipeline, timeout: float
 ) -> bool:
     """True when a save due now moves to a later step because one is still in flight.
 
-    Call on all processes at the same step. Only the chief's pipeline writes,
-    so the chief decides for every worker (a key in the engine's store, once
-    per step while a save is due): all of them save at the same later step,
-    and none waits for the write. Where every process writes its own shards
-    (JAX multi-host) saves are synchronous and never find one in flight.
+    Call on all processes at the same step. The chief decides for every
+    worker (a key in the engine's store, once per step while a save is due):
+    all of them save at the same later step, and none waits for the write.
+    Where every process writes its own shards (JAX multi-host), the chief's
+    write is the last of a backup to end (it commits after the others have
+    written), so its pipeline speaks for all of them too.
     """
     if coordinator.num_processes == 1:
         return pipeline.busy()
-    if strategies.every_process_writes(coordinator):
-        return False
     busy = ("1" if pipeline.busy() else "0") if coordinator.is_chief else None
     return coordinator.decide("move-save", busy, timeout) == "1"
 

@@ -14,6 +14,12 @@ save pipeline's thread then calls `Snapshot.host` for host arrays to write.
 - JAX on the CPU and TensorFlow: one memcpy per variable into host buffers
   allocated at the first save and reused by the next ones.
 
+- JAX multi-host (every process writes its own shards): `take_sharded` makes
+  the same one-dispatch device copy of the global arrays, keeping their
+  shardings (every process joins it at the same step), and the pipeline hands
+  the copies to Orbax, which moves each process's shards to host as it writes
+  them. The device copy is held until the write has read it.
+
 A snapshot is always a copy, never a view of a live variable. At most one is
 alive at a time (the pipeline holds one save in flight), so the reused host
 buffers are never written while a save still reads them.
@@ -27,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ft import errors
 from ft.log import get_logger
 
 logger = get_logger()
@@ -82,6 +89,7 @@ class Snapshotter:
         self._buffers: list[np.ndarray] = []
         self._told_chunked = False
         self._told_pageable = False
+        self._checked_copies = False
         #: Where the last snapshot was made: "host", "device" or "host-chunked".
         self.last_where = ""
 
@@ -120,6 +128,29 @@ class Snapshotter:
         self.last_where = where
         return Snapshot(groups, nbytes, arrays, seconds=time.perf_counter() - start, where=where)
 
+    def take_sharded(self, variables: dict[str, list[Any]]) -> Snapshot | None:
+        """A device copy of every variable of `variables`, keeping their shardings,
+        or None when the device has no room for it. JAX multi-host; training
+        thread of every process, at the same step (the copy is one program over
+        all devices)."""
+        start = time.perf_counter()
+        groups = {group: len(vs) for group, vs in variables.items()}
+        values = [v.value for vs in variables.values() for v in vs]
+        copies = self._device_copy(values, keep_shardings=True)
+        if copies is None:
+            return None
+        if not self._checked_copies:
+            _check_not_aliased(values, copies)
+            self._checked_copies = True
+        self.last_where = "device-sharded"
+        return Snapshot(
+            groups,
+            sum(int(c.nbytes) for c in copies),
+            host_arrays=copies,
+            seconds=time.perf_counter() - start,
+            where="device-sharded",
+        )
+
     # ------------------------------------------------------------ host copies
     def _host_copy(self, values: list[Any]) -> list[np.ndarray]:
         """One memcpy per value into the reused host buffers."""
@@ -134,13 +165,18 @@ class Snapshotter:
         return list(self._buffers)
 
     # ---------------------------------------------------------- device copies
-    def _device_copy(self, values: list[Any]) -> list[Any] | None:
+    def _device_copy(self, values: list[Any], keep_shardings: bool = False) -> list[Any] | None:
         """One device-to-device copy of every value in one dispatch, or None without room."""
         try:
             # Not waited for: the copy is ordered before the next training step
             # on the device, and JAX keeps a donated input alive until every
             # computation already dispatched on it has read it.
-            copies = _copy_all()(values)
+            copy = (
+                _copy_keeping(tuple(v.sharding for v in values))
+                if keep_shardings
+                else (_copy_all())
+            )
+            copies = copy(values)
         except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
@@ -193,6 +229,38 @@ def _copy_all() -> Any:
         # No donation: the inputs are Keras's live buffers.
         _COPY_ALL = jax.jit(lambda xs: [jnp.copy(x) for x in xs])
     return _COPY_ALL
+
+
+_COPY_KEEPING: tuple[Any, Any] = (None, None)  # (shardings, its jitted copy)
+
+
+def _copy_keeping(shardings: tuple[Any, ...]) -> Any:
+    """A jitted copy of a list of global arrays onto `shardings` (theirs), compiled
+    once per process and layout."""
+    global _COPY_KEEPING
+    if _COPY_KEEPING[0] != shardings:
+        import jax
+        import jax.numpy as jnp
+
+        copy = jax.jit(lambda xs: [jnp.copy(x) for x in xs], out_shardings=list(shardings))
+        _COPY_KEEPING = (shardings, copy)
+    return _COPY_KEEPING[1]
+
+
+def _check_not_aliased(values: list[Any], copies: list[Any]) -> None:
+    """Raise unless every copy's local buffers are apart from its value's: Keras's JAX
+    trainer donates the live buffers to the next step."""
+    import jax
+
+    for value, copy in zip(values, copies, strict=True):
+        for mine, theirs in zip(copy.addressable_shards, value.addressable_shards, strict=True):
+            if mine.data.unsafe_buffer_pointer() == theirs.data.unsafe_buffer_pointer():
+                raise errors.IncompatibleEngineError(
+                    f"A jitted jnp.copy returned the live buffer of a variable instead of a "
+                    f"copy (jax {jax.__version__}): a background backup would read buffers "
+                    "the next training step overwrites. Pass async_save=False to "
+                    "ft.BackupAndRestore, and report this with your JAX version."
+                )
 
 
 def _on_accelerator(values: list[Any]) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import itertools
 import json
 import os
@@ -90,6 +91,16 @@ class Coordinator(Protocol):
         """The value published under `name`, or None if none appears within `timeout` s."""
         ...
 
+    def for_thread(self, name: str) -> Coordinator:
+        """The coordinator to call from another thread of this process (`name`: its job).
+
+        Its barriers and keys are counted apart from this one's: calls from two
+        threads would interleave in a different order on every process. Call on
+        all processes, after `begin`; every process's thread `name` then makes
+        the same calls in the same order (the save pipeline's thread does).
+        """
+        ...
+
 
 class SingleProcess:
     """The coordinator of a run with one process: every wait returns at once."""
@@ -122,6 +133,9 @@ class SingleProcess:
     def wait_value(self, name: str, timeout: float) -> str | None:
         return self._values.get(name)
 
+    def for_thread(self, name: str) -> Coordinator:
+        return self
+
 
 class KeyValueCoordinator:
     """A `Coordinator` built on an engine's coordination service.
@@ -137,6 +151,8 @@ class KeyValueCoordinator:
         self._count = num_processes
         self._ids = itertools.count()
         self._generation = 0
+        self._thread = ""  # "" for the thread that began the fit, else `for_thread`'s name
+        self._threads: dict[str, KeyValueCoordinator] = {}
         # The keys of the chief's last two `decide` calls, per name.
         self._decided: dict[str, collections.deque[str]] = {}
 
@@ -174,7 +190,7 @@ class KeyValueCoordinator:
     def begin(self, timeout: float) -> int:
         generation = next(self._fits_begun)
         self._generation, self._ids = generation, itertools.count()
-        self._decided = {}
+        self._decided, self._threads = {}, {}
         deadline = time.monotonic() + timeout
         with translate_engine_errors(f"beginning fit number {generation}", timeout):
             self._set(self._key(f"begin/{self._index}"), str(os.getpid()))
@@ -199,7 +215,16 @@ class KeyValueCoordinator:
         return generation
 
     def _key(self, name: str) -> str:
-        return f"ft/{self._generation}/{name}"
+        return f"ft/{self._generation}/{self._thread}{name}"
+
+    def for_thread(self, name: str) -> Coordinator:
+        view = self._threads.get(name)
+        if view is None:
+            view = copy.copy(self)  # the same client, process and fit
+            view._thread, view._ids = f"{name}/", itertools.count()
+            view._decided, view._threads = {}, {}
+            self._threads[name] = view
+        return view
 
     def barrier(self, name: str, timeout: float) -> None:
         barrier_id = self._key(f"{name}/{next(self._ids)}")

@@ -108,10 +108,13 @@ class References:
         return self._weights[key]
 
 
-def kill_peer_and_time_survivor(backend: str, tmp_path: Path) -> tuple[ft.testing.JobResult, float]:
+def kill_peer_and_time_survivor(
+    backend: str, tmp_path: Path, *extra: str
+) -> tuple[ft.testing.JobResult, float]:
     """Two workers; worker 1 is SIGKILLed before step 10; no restart, a 120 s grace
     period and a worker 0 that ignores SIGTERM, so only failure detection can end
-    worker 0. Returns the job's result and its wall time."""
+    worker 0. `extra`: more scenario arguments. Returns the job's result and its
+    wall time."""
     start = time.monotonic()
     result = job(
         backend,
@@ -125,6 +128,7 @@ def kill_peer_and_time_survivor(backend: str, tmp_path: Path) -> tuple[ft.testin
         "--kill-worker",
         "1",
         "--ignore-sigterm",
+        *extra,
         grace_period=120,
         timeout=200,
     )

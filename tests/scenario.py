@@ -92,6 +92,8 @@ class Recorder(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         step = len(self.seen) + self.args.steps_before
         print(f"step {step}", flush=True)
+        if self.args.step_seconds:
+            time.sleep(self.args.step_seconds)
         if self.args.hold_at_step == step:
             _hold_for_sigterm(60.0)
         if self.args.stall_at_step == step:
@@ -124,6 +126,9 @@ def main() -> None:
     parser.add_argument("--async-save", action="store_true", help="async_save=True")
     parser.add_argument(
         "--slow-writes", type=float, help="every backup write takes this much longer"
+    )
+    parser.add_argument(
+        "--step-seconds", type=float, help="every training step takes this much longer"
     )
     parser.add_argument("--heartbeat", type=float, help="ft.strategies.auto(heartbeat_timeout=)")
     parser.add_argument("--sigstop-at-step", type=int, help="SIGSTOP itself there")
@@ -362,13 +367,18 @@ def _forbid_store_writes() -> None:
 def _slow_writes(backup: ft.BackupAndRestore, seconds: float) -> None:
     """Every backup this process writes takes `seconds` longer (a slow store)."""
     store = backup._store
-    write = store.write
+    write, write_collective = store.write, store.write_collective
 
     def slow_write(record, arrays):
         time.sleep(seconds)
         return write(record, arrays)
 
+    def slow_write_collective(record, arrays, coordinator, timeout):
+        time.sleep(seconds)
+        return write_collective(record, arrays, coordinator, timeout)
+
     store.write = slow_write  # type: ignore[method-assign]
+    store.write_collective = slow_write_collective  # type: ignore[method-assign]
 
 
 def _kill_inside_save(backup: ft.BackupAndRestore, nth: int) -> None:
@@ -406,6 +416,8 @@ def _kill_inside_save(backup: ft.BackupAndRestore, nth: int) -> None:
             return getattr(self.inner, name)
 
     store._orbax = lambda: Dying(original())  # type: ignore[method-assign]
+    collective = store._collective_orbax  # JAX multi-host: every process writes
+    store._collective_orbax = lambda name: Dying(collective(name))  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

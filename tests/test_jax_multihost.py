@@ -57,6 +57,36 @@ def test_process_killed_mid_epoch_group_resumes_exactly(
     assert not backup.exists()
 
 
+def test_background_saves_of_every_process_move_and_resume_exactly(
+    tmp_path: Path, references: helpers.References
+) -> None:
+    # async_save=True: every process writes its own shards from a device copy on
+    # its pipeline's thread while training goes on, the processes meeting through
+    # that thread's own barriers. Every write takes 0.5 s longer, a step 0.1 s, and
+    # a save comes due every 2 steps: due saves move (the chief decides for both,
+    # neither waits). Worker 1 is killed; the group resumes exactly from the step
+    # the last commit holds, although training ran on while it was written.
+    reference = references("jax", "--model-parallel")
+    result = job(
+        tmp_path / "w{index}.npz",
+        *("--model-parallel", "--backup-dir", str(tmp_path / "b"), "--save-freq", "2"),
+        *("--async-save", "--keep", "--slow-writes", "0.5", "--step-seconds", "0.1"),
+        *("--kill-at-step", "24", "--kill-worker", "1"),
+        max_restarts=1,
+    )
+    assert result.exit_code == 0, result.tail()
+    assert result.restarts == 1, result.launcher_lines
+    assert "in the background, every process writing its own shards" in result.output
+    reports = [report(tmp_path / f"w{index}.npz") for index in (0, 1)]
+    resumed = [result.workers[index].resumed for index in (0, 1)]
+    assert resumed[0] is not None and resumed[0] == resumed[1], resumed
+    assert reports[0]["restored"] == reports[1]["restored"]
+    assert reports[0]["moved"] == reports[1]["moved"] and reports[0]["moved"][0] >= 1, reports
+    for index in (0, 1):
+        assert reports[index]["first_kernel_shard"] == [8, 8]
+        assert_same_weights(reference, weights(tmp_path / f"w{index}.npz"))
+
+
 def test_every_process_writes_its_own_shards(tmp_path: Path) -> None:
     backup = tmp_path / "b"
     result = job(
@@ -118,3 +148,16 @@ def test_survivor_of_a_killed_peer_exits_in_bounded_time(tmp_path: Path) -> None
     # grace period and said so: leaving by itself is the guarantee, not a time.
     assert "ignored SIGTERM" not in said, "the survivor had to be SIGKILLed: it hung"
     assert os.path.isdir(tmp_path / "b")
+
+
+def test_survivor_with_a_background_save_in_flight_exits_in_bounded_time(tmp_path: Path) -> None:
+    # The save of step 5 is still in flight (its write starts 3 s late, steps take
+    # 0.2 s) when worker 1 dies before step 10: worker 0's pipeline thread then
+    # waits in a barrier of the write, which the distributed client fails once
+    # worker 1's heartbeats stop, and the process leaves by itself.
+    result, _ = helpers.kill_peer_and_time_survivor(
+        "jax", tmp_path, "--async-save", "--slow-writes", "3", "--step-seconds", "0.2"
+    )
+    assert result.exit_code == 137, result.tail()
+    assert "ignored SIGTERM" not in "\n".join(result.launcher_lines), "the survivor hung"
+    assert not list((tmp_path / "b").glob("ft-step-*")), "no save was in flight at the kill"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -170,3 +172,35 @@ def test_strategies_imports_as_ft_strategies() -> None:
 def test_invalid_timeout_is_refused(bad, tmp_path) -> None:
     with pytest.raises(ValueError, match="Invalid value for argument `timeout`"):
         ft.BackupAndRestore(tmp_path, timeout=bad)
+
+
+def _two_threads_each(coordinator: _ThreadCoordinator, results: dict) -> None:
+    """The training thread and the save pipeline's thread of one 'process', each making
+    broadcasts and barriers, interleaved differently on each process."""
+    coordinator.begin(5.0)
+    saves = coordinator.for_thread("saves")
+    assert coordinator.for_thread("saves") is saves
+    rng = random.Random(coordinator.process_index)
+    seen: dict[str, list[str]] = {"train": [], "saves": []}
+
+    def calls(who: Any, name: str) -> None:
+        for n in range(5):
+            time.sleep(rng.uniform(0, 0.02))
+            value = f"{name}-{n}" if who.is_chief else None
+            seen[name].append(who.broadcast(name, value, 5.0))
+            who.barrier(f"{name}-done", 5.0)
+
+    thread = threading.Thread(target=calls, args=(saves, "saves"))
+    thread.start()
+    calls(coordinator, "train")
+    thread.join(30)
+    results[coordinator.process_index] = seen
+
+
+def test_a_second_thread_counts_its_names_apart_from_the_training_thread() -> None:
+    # With one count for both threads, the two processes would name their calls
+    # differently as the threads interleave, and wait on keys the other never sets.
+    store, results = _as_two_processes(_two_threads_each)
+    expected = {name: [f"{name}-{n}" for n in range(5)] for name in ("train", "saves")}
+    assert results == {0: expected, 1: expected}
+    assert any(key.split("/")[2] == "saves" for key in store.values), sorted(store.values)

@@ -59,8 +59,17 @@ logger = get_logger()
 _READ_WINDOW = 256 << 20
 
 
-def new_checkpointer() -> Any:
-    """A synchronous, uncompressed Orbax checkpointer for ft's array trees."""
+def new_checkpointer(barrier_prefix: str | None = None) -> Any:
+    """A synchronous, uncompressed Orbax checkpointer for ft's array trees.
+
+    With `barrier_prefix` (a name unique to one backup, the same on every
+    process), for a write that every process of a JAX multi-host run makes of
+    its own shards: Orbax then syncs the processes through the `jax.distributed`
+    client's barriers, named with the prefix, instead of a collective across
+    all devices, so the write can run on the save pipeline's thread while
+    training steps run theirs (Orbax's own asynchronous checkpointer does the
+    same).
+    """
     import orbax.checkpoint as ocp
 
     handlers = ocp.type_handlers
@@ -77,7 +86,14 @@ def new_checkpointer() -> Any:
     handler = ocp.PyTreeCheckpointHandler(
         use_compression=False, use_zarr3=True, type_handler_registry=registry
     )
-    return ocp.Checkpointer(handler)
+    if barrier_prefix is None:
+        return ocp.Checkpointer(handler)
+    import jax
+
+    options = ocp.options.MultiprocessingOptions(
+        active_processes=set(range(jax.process_count())), barrier_sync_key_prefix=barrier_prefix
+    )
+    return ocp.Checkpointer(handler, multiprocessing_options=options)
 
 
 def _cores() -> int:

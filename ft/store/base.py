@@ -103,7 +103,12 @@ class BackupStore(Protocol):
     def write_collective(
         self, record: BackupRecord, arrays: Any, coordinator: Any, timeout: float
     ) -> str:
-        """Commit a backup every process writes its shards of. Call on all processes."""
+        """Commit a backup every process writes its shards of. Call on all processes.
+
+        `arrays` are global JAX arrays (a snapshot's copies or the live ones);
+        `coordinator` is the one of the calling thread (`for_thread` on the
+        save pipeline's). Every wait of the write is bounded by `timeout`.
+        """
         ...
 
     def latest(self, read_all: bool = False) -> tuple[str, BackupRecord] | None:

@@ -165,11 +165,16 @@ class PosixStore:
         tmp = os.path.join(self.directory, name)
         # No process holds every array, and the chief cannot tell whether the
         # others' arrays got the chunk crc32c: it checksums every file at commit.
-        self._write_arrays(tmp, arrays)
+        array_io.write(self._collective_orbax(name), os.path.join(tmp, ARRAYS), arrays, owner=tmp)
         coordinator.barrier("arrays-written", timeout)
         if coordinator.is_chief:
             self._commit(tmp, final, record)
         return final
+
+    def _collective_orbax(self, name: str) -> Any:
+        """The Orbax checkpointer of the collective write into temporary directory `name`:
+        its barriers are named after it, the same on every process."""
+        return array_io.new_checkpointer(barrier_prefix=f"ft-{name}")
 
     def _keep_existing(self, final: str) -> bool:
         """Whether `final` holds an intact backup; a damaged one is moved aside.
