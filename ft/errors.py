@@ -53,6 +53,11 @@ class ChiefFailedError(FTError, RuntimeError):
     """The chief could not prepare or read `backup_dir`; raised on the other workers."""
 
 
+class WorkerFailedError(FTError, RuntimeError):
+    """Another worker failed a step that every worker takes together (loading the
+    backup they all restore); raised on the others, with that worker's error."""
+
+
 class UnsupportedConfigurationError(FTError, ValueError):
     """ft cannot honour the requested combination of arguments or environment."""
 

@@ -16,6 +16,7 @@ from ft import errors, fit_loop, training_state
 from ft.input_state import InputState
 from ft.metadata import BackupRecord
 from ft.store import BackupStore
+from ft.store.base import ReadAll
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,24 +40,106 @@ def restore_newest_intact(
 ) -> Restored | None:
     """Load the newest intact backup, if any. Call on all processes.
 
-    One process verifies the arrays while it reads them: a backup that
-    fails that read is moved aside and the next older one is tried (none
-    is moved when no older one is kept). With several processes the chief
-    reads every array before it names the backup (`verify_all`), since
-    the workers' reads cannot fall back together.
+    Every process checks the arrays it reads as it reads them (a crc32c per
+    array, or per chunk): a backup that fails that read is moved aside and
+    the next older one is tried (none is moved when no older one is kept).
+    With several processes, each reads only what it loads (under JAX
+    multi-host, its own shards) and they then agree (`_agree_on_reads`)
+    before any assigns: all go on, or all fall back together. The one case
+    the reads cannot check, a backup with array crc32cs loaded onto arrays
+    sharded across processes, is read whole by the chief first.
     """
     while True:
         path, record = agree_on_restore_point(store, coordinator, timeout)
         if path is None:
             return None
+        record = record or store.read_record(path)
+        if coordinator.num_processes == 1:
+            try:
+                return load(model, store, path, record, input_state, epoch_iterator)
+            except errors.CheckpointCorruptedError as e:
+                if not store.older_than(path):
+                    raise
+                store.set_aside(path, e)
+            continue
+        loaded: Loaded | None = None
+        failure: Exception | None = None
         try:
-            return load(
-                model, store, path, record or store.read_record(path), input_state, epoch_iterator
-            )
-        except errors.CheckpointCorruptedError as e:
-            if coordinator.num_processes > 1 or not store.older_than(path):
-                raise
-            store.set_aside(path, e)
+            loaded = read(model, store, path, record, input_state, epoch_iterator)
+        except Exception as e:  # every process learns of it before any assigns
+            failure = e
+        if _agree_on_reads(store, coordinator, timeout, path, failure):
+            assert loaded is not None
+            return apply(loaded)
+
+
+def _agree_on_reads(
+    store: BackupStore,
+    coordinator: strategies.Coordinator,
+    timeout: float,
+    path: str,
+    failure: Exception | None,
+) -> bool:
+    """True when every process read the backup at `path`; False when one found it
+    damaged and the chief has set it aside (try the next older one). Call on
+    all processes, after each has read (`failure`: what its read raised).
+
+    Raises:
+        The process's own `failure`, or on the others `CheckpointCorruptedError`
+        (the backup is damaged and no older one is kept) or `WorkerFailedError`
+        (a process failed otherwise), naming the worker.
+    """
+    if failure is None:
+        mine = "ok"
+    else:
+        kind = "damaged" if isinstance(failure, errors.CheckpointCorruptedError) else "failed"
+        mine = json.dumps({"kind": kind, "error": f"{type(failure).__name__}: {failure}"[:2000]})
+    reports = coordinator.gather("restore-read", mine, timeout)
+    verdict: str | None = None
+    if reports is not None:  # the chief
+        verdict = _verdict(store, path, reports)
+    decided = json.loads(coordinator.broadcast("restore-verdict", verdict, timeout))
+    if decided["kind"] == "ok":
+        return True
+    if decided["kind"] == "damaged" and decided["retry"]:
+        return False
+    if failure is not None:
+        raise failure
+    message = f"Worker {decided['worker']} could not load the backup {path}: {decided['error']}"
+    if decided["kind"] == "damaged":
+        raise errors.CheckpointCorruptedError(message)
+    raise errors.WorkerFailedError(message + ". This worker stops too instead of training alone.")
+
+
+def _verdict(store: BackupStore, path: str, reports: list[str]) -> str:
+    """The chief's decision from every process's report of its read, as JSON:
+    "ok", "damaged" (set aside here when an older backup is kept: `retry`), or
+    "failed", with the first failing worker and its error."""
+    failed = [(i, json.loads(r)) for i, r in enumerate(reports) if r != "ok"]
+    if not failed:
+        return json.dumps({"kind": "ok"})
+    worst = next(((i, r) for i, r in failed if r["kind"] == "failed"), failed[0])
+    worker, report = worst
+    decided = {"kind": report["kind"], "worker": worker, "error": report["error"], "retry": False}
+    if report["kind"] == "damaged" and store.older_than(path):
+        try:
+            why = f"worker {worker} found it damaged as it read it: {report['error']}"
+            store.set_aside(path, errors.CheckpointCorruptedError(why))
+            decided["retry"] = True
+        except OSError as e:
+            decided.update(kind="failed", worker=0, error=f"setting {path} aside: {e}")
+    return json.dumps(decided)
+
+
+def _read_whole_first(coordinator: strategies.Coordinator) -> ReadAll:
+    """Whether the chief must read every array of a backup before naming it: under
+    JAX multi-host the arrays are read as shards, which a backup's per-array
+    crc32cs (written by one process holding them whole) cannot check. Backups
+    written with a crc32c on every chunk are checked by each process's own
+    read."""
+    if coordinator.num_processes == 1 or not strategies.every_process_writes(coordinator):
+        return False
+    return lambda record: bool(record.array_crc32c)
 
 
 def agree_on_restore_point(
@@ -76,7 +159,7 @@ def agree_on_restore_point(
             store.prepare()
             store.lock()
             store.remove_partial()
-            found = store.latest(read_all=coordinator.num_processes > 1)
+            found = store.latest(read_all=_read_whole_first(coordinator))
             decision = json.dumps({"path": found[0] if found else None})
         except (errors.FTError, OSError) as e:
             failure = e
@@ -94,17 +177,31 @@ def agree_on_restore_point(
     return chosen["path"], None
 
 
-def load(
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """What `read` read, not yet assigned to the model."""
+
+    path: str
+    record: BackupRecord
+    variables: dict[str, list[Any]]
+    arrays: dict[str, list[Any]]
+    pending_metrics: bool  # the metric accumulators are to be resumed
+
+
+def read(
     model: Any,
     store: BackupStore,
     path: str,
     record: BackupRecord,
     input_state: InputState,
     epoch_iterator: Any,
-) -> Restored:
-    """Check the backup at `path` against `model` and assign its variables.
+) -> Loaded:
+    """Check the backup at `path` against `model` and read its arrays, checksums
+    checked; nothing is assigned yet. Call on all processes.
 
-    Call on all processes.
+    Raises:
+        CheckpointCorruptedError: when what this process reads is damaged.
+        IncompatibleCheckpointError: when the backup is of another model.
     """
     record = input_state.settle(record)
     fit_loop.ensure_built(model, epoch_iterator)
@@ -114,9 +211,25 @@ def load(
     training_state.check_compatible(saved, live, where=path)
     target = training_state.restore_target(variables, saved)
     arrays = store.read_arrays(path, target)
-    training_state.assign(variables["model"], arrays["model"])
-    training_state.assign(variables["optimizer"], arrays["optimizer"])
-    pending_metrics: list[Any] | None = None
-    if record.batch and training_state.first_mismatch(saved["metrics"], live["metrics"]) is None:
-        pending_metrics = list(arrays["metrics"])
-    return Restored(path, record, pending_metrics)
+    metrics_match = training_state.first_mismatch(saved["metrics"], live["metrics"]) is None
+    return Loaded(path, record, variables, arrays, bool(record.batch) and metrics_match)
+
+
+def apply(loaded: Loaded) -> Restored:
+    """Assign what `read` read to the model's variables. Call on all processes."""
+    training_state.assign(loaded.variables["model"], loaded.arrays["model"])
+    training_state.assign(loaded.variables["optimizer"], loaded.arrays["optimizer"])
+    pending = list(loaded.arrays["metrics"]) if loaded.pending_metrics else None
+    return Restored(loaded.path, loaded.record, pending)
+
+
+def load(
+    model: Any,
+    store: BackupStore,
+    path: str,
+    record: BackupRecord,
+    input_state: InputState,
+    epoch_iterator: Any,
+) -> Restored:
+    """`read` the backup at `path`, then `apply` it. Call on all processes."""
+    return apply(read(model, store, path, record, input_state, epoch_iterator))

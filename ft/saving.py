@@ -95,13 +95,12 @@ def _save_shards(
 ) -> None:
     """Every process writes its own shards (JAX multi-host). Call on all processes.
 
-    Each process's pipeline writes a device copy of the state, on its own
-    thread when the save goes to the background; the processes meet through
-    the pipeline thread's own barriers and keys. When the device has no room
-    for the copy, the live arrays are written here, before training goes on.
+    In the background, each process's pipeline writes a device copy of the
+    state on its own thread, and the processes meet through that thread's own
+    barriers and keys. Synchronously, or when the device has no room for the
+    copy, the live arrays are written here, before training goes on.
     """
     pipeline.wait(timeout)  # one save in flight per process
-    snapshot = snapshotter.take_sharded(variables)
     saves = coordinator.for_thread("saves")
 
     def write(arrays: dict[str, Any]) -> str:
@@ -115,17 +114,18 @@ def _save_shards(
         )
         return path
 
-    if snapshot is None:
-        arrays = training_state.live_values(variables)
-        began = time.perf_counter()
-        write(arrays)
-        stats.add_commit(training_state.nbytes(arrays), time.perf_counter() - began)
-        return
     background = async_save
     if background is None:
-        # The global size: the same decision on every process.
-        background = snapshot.nbytes >= ASYNC_THRESHOLD_BYTES
-    pipeline.run(record.step, snapshot, write, stats, background, timeout)
+        # The global size, from the shapes: the same decision on every process.
+        background = report.state_nbytes(variables) >= ASYNC_THRESHOLD_BYTES
+    snapshot = snapshotter.take_sharded(variables) if background else None
+    if snapshot is not None:
+        pipeline.run(record.step, snapshot, write, stats, True, timeout)
+        return
+    arrays = training_state.live_values(variables)
+    began = time.perf_counter()
+    write(arrays)
+    stats.add_commit(training_state.nbytes(arrays), time.perf_counter() - began)
 
 
 def save_moves(

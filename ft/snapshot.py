@@ -13,7 +13,6 @@ save pipeline's thread then calls `Snapshot.host` for host arrays to write.
   the training thread instead, and ft says so once in the log.
 - JAX on the CPU and TensorFlow: one memcpy per variable into host buffers
   allocated at the first save and reused by the next ones.
-
 - JAX multi-host (every process writes its own shards): `take_sharded` makes
   the same one-dispatch device copy of the global arrays, keeping their
   shardings (every process joins it at the same step), and the pipeline hands
@@ -40,13 +39,14 @@ logger = get_logger()
 
 
 class Snapshot:
-    """The state of one step: host arrays, or a device copy on its way to the host."""
+    """The state of one step: host arrays, a device copy on its way to the host, or
+    (JAX multi-host) a device copy of global arrays that Orbax moves as it writes."""
 
     def __init__(
         self,
         groups: dict[str, int],
         nbytes: int,
-        host_arrays: list[np.ndarray] | None = None,
+        host_arrays: list[Any] | None = None,
         finish: Callable[[], list[np.ndarray]] | None = None,
         seconds: float = 0.0,
         where: str = "host",
@@ -59,11 +59,12 @@ class Snapshot:
         self.take_seconds = seconds
         #: Seconds `host` spent moving the copy to host memory (0 for host copies).
         self.host_seconds = 0.0
-        #: Where the copy was made: "host", "device" or "host-chunked".
+        #: Where the copy was made: "host", "device", "host-chunked" or "device-sharded".
         self.where = where
 
-    def host(self) -> dict[str, list[np.ndarray]]:
-        """The snapshot as host arrays, grouped as a backup stores them.
+    def host(self) -> dict[str, list[Any]]:
+        """The snapshot as the arrays to write, grouped as a backup stores them: host
+        arrays, or a "device-sharded" snapshot's global arrays.
 
         Call from the thread that writes the backup; the first call finishes
         the transfer from the device (and frees the device copy).
@@ -90,7 +91,8 @@ class Snapshotter:
         self._told_chunked = False
         self._told_pageable = False
         self._checked_copies = False
-        #: Where the last snapshot was made: "host", "device" or "host-chunked".
+        #: Where the last snapshot was made: "host", "device", "host-chunked" or
+        #: "device-sharded".
         self.last_where = ""
 
     def release(self) -> None:
@@ -171,12 +173,10 @@ class Snapshotter:
             # Not waited for: the copy is ordered before the next training step
             # on the device, and JAX keeps a donated input alive until every
             # computation already dispatched on it has read it.
-            copy = (
-                _copy_keeping(tuple(v.sharding for v in values))
-                if keep_shardings
-                else (_copy_all())
-            )
-            copies = copy(values)
+            if keep_shardings:
+                copies = _copy_keeping(tuple(v.sharding for v in values))(values)
+            else:
+                copies = _copy_all()(values)
         except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise

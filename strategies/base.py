@@ -83,6 +83,16 @@ class Coordinator(Protocol):
         """
         ...
 
+    def gather(self, name: str, value: str, timeout: float) -> list[str] | None:
+        """Every process's `value` (a short string), in process order, on the chief;
+        None on the others. Call on all processes.
+
+        Raises:
+            BarrierTimeoutError: on the chief, when a process's value did not
+                arrive within `timeout` s.
+        """
+        ...
+
     def publish(self, name: str, value: str) -> None:
         """Store `value` under `name` unless a value is already there. Any process."""
         ...
@@ -126,6 +136,9 @@ class SingleProcess:
 
     def decide(self, name: str, value: str | None, timeout: float) -> str:
         return self.broadcast(name, value, timeout)
+
+    def gather(self, name: str, value: str, timeout: float) -> list[str] | None:
+        return [value]
 
     def publish(self, name: str, value: str) -> None:
         self._values.setdefault(name, value)
@@ -255,6 +268,19 @@ class KeyValueCoordinator:
                 # Read by every process: a training step ran since it was set.
                 self._delete(earlier.popleft())
             return value
+
+    def gather(self, name: str, value: str, timeout: float) -> list[str] | None:
+        base = self._key(f"{name}/{next(self._ids)}")
+        with translate_engine_errors(f"gather {name!r}", timeout):
+            self._set(f"{base}/{self._index}", value)
+            if not self.is_chief:
+                return None
+            deadline = time.monotonic() + timeout
+            values = []
+            for index in range(self._count):
+                remaining_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+                values.append(self._get(f"{base}/{index}", remaining_ms))
+            return values
 
     def publish(self, name: str, value: str) -> None:
         try:

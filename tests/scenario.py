@@ -58,11 +58,11 @@ def set_random_seed(seed: int) -> None:
         del sys.modules["tensorflow"]
 
 
-def make_model(synchronized_bn: bool = False) -> keras.Model:
+def make_model(synchronized_bn: bool = False, units: int = 16) -> keras.Model:
     set_random_seed(1234)
     model = keras.Sequential(
         [
-            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(units, activation="relu"),
             # Unsynchronized BatchNorm statistics differ per worker even in an
             # uninterrupted MWMS run; synchronized ones are the same everywhere.
             keras.layers.BatchNormalization(synchronized=synchronized_bn),
@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--save-before-preemption", action="store_true")
     parser.add_argument("--async-save", action="store_true", help="async_save=True")
+    parser.add_argument("--double-checkpoint", action="store_true", help="keep two backups")
+    parser.add_argument("--units", type=int, default=16, help="units of the first Dense layer")
     parser.add_argument(
         "--slow-writes", type=float, help="every backup write takes this much longer"
     )
@@ -198,9 +200,11 @@ def main() -> None:
             layout_map=layout_map,
         )
         with strategy.scope():
-            model = make_model(synchronized_bn=keras.backend.backend() == "tensorflow")
+            model = make_model(
+                synchronized_bn=keras.backend.backend() == "tensorflow", units=args.units
+            )
     else:
-        model = make_model()
+        model = make_model(units=args.units)
     callbacks: list[keras.callbacks.Callback] = []
     backup = None
     if not args.no_backup:
@@ -216,6 +220,7 @@ def main() -> None:
             save_before_preemption=args.save_before_preemption,
             timeout=args.timeout,
             async_save=True if args.async_save else None,
+            double_checkpoint=args.double_checkpoint,
         )
         callbacks.append(backup)
         if args.kill_during_save:

@@ -87,6 +87,49 @@ def test_background_saves_of_every_process_move_and_resume_exactly(
         assert_same_weights(reference, weights(tmp_path / f"w{index}.npz"))
 
 
+def _stored_chunks(backup: Path) -> dict[str, bytes]:
+    """Key -> stored bytes of every array chunk of a backup, through TensorStore."""
+    import tensorstore as ts
+
+    spec = {"driver": "ocdbt", "base": {"driver": "file", "path": f"{backup}/state/"}}
+    kvstore = ts.KvStore.open(spec).result()
+    keys = [key for key in kvstore.list().result() if b"/c" in key]
+    return {key.decode(): kvstore.read(key).result().value for key in keys}
+
+
+def test_damage_only_one_process_reads_makes_every_process_fall_back(
+    tmp_path: Path, references: helpers.References
+) -> None:
+    # Each process reads only its own shards, checking every chunk's crc32c as it
+    # reads it, and the processes agree before any assigns; the chief no longer
+    # reads the other processes' data. A flipped byte in the half of the split
+    # kernel that process 1 wrote (4 KiB: OCDBT keeps it in process 1's data
+    # file) is found by process 1's read alone: the chief sets the backup aside
+    # and both resume, exactly, from the older one.
+    options = ("--model-parallel", "--units", "256")
+    reference = references("jax", *options)
+    backup = tmp_path / "b"
+    common = (*options, "--backup-dir", str(backup), "--save-freq", "12", "--double-checkpoint")
+    first = job(tmp_path / "k{index}.npz", *common, "--kill-at-step", "30", "--kill-worker", "1")
+    assert first.exit_code == 137, first.tail()
+    newest = backup / "ft-step-0000000024"
+    assert (backup / "ft-step-0000000012").is_dir() and newest.is_dir()
+    half = _stored_chunks(newest)["model.0/c/0/1"]  # process 1's half of the first kernel
+    files = [p for p in (newest / "state" / "ocdbt.process_1" / "d").iterdir()]
+    (data,) = [p for p in files if half in p.read_bytes()]
+    raw = bytearray(data.read_bytes())
+    raw[raw.find(half) + len(half) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+
+    result = job(tmp_path / "r{index}.npz", *common)
+    assert result.exit_code == 0, result.tail()
+    assert "worker 1 found it damaged as it read it" in result.output, result.tail()
+    for index in (0, 1):
+        rep = report(tmp_path / f"r{index}.npz")
+        assert rep["restored"]["step"] == 12, rep["restored"]
+        assert_same_weights(reference, weights(tmp_path / f"r{index}.npz"))
+
+
 def test_every_process_writes_its_own_shards(tmp_path: Path) -> None:
     backup = tmp_path / "b"
     result = job(

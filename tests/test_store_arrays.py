@@ -87,13 +87,13 @@ def test_arrays_not_where_orbax_names_them_are_read_by_orbax(
     store, path, arrays = _saved(tmp_path)
     monkeypatch.setattr(array_io, "orbax_name", lambda group, index: f"elsewhere.{group}.{index}")
     calls = []
-    made = store._orbax
+    made = store._orbax_reader
 
     def orbax() -> Any:
         calls.append(1)
         return made()
 
-    monkeypatch.setattr(store, "_orbax", orbax)
+    monkeypatch.setattr(store, "_orbax_reader", orbax)
     target = {group: [np.zeros_like(a) for a in values] for group, values in arrays.items()}
     out = store.read_arrays(path, target)
     assert calls

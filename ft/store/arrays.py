@@ -59,17 +59,10 @@ logger = get_logger()
 _READ_WINDOW = 256 << 20
 
 
-def new_checkpointer(barrier_prefix: str | None = None) -> Any:
-    """A synchronous, uncompressed Orbax checkpointer for ft's array trees.
-
-    With `barrier_prefix` (a name unique to one backup, the same on every
-    process), for a write that every process of a JAX multi-host run makes of
-    its own shards: Orbax then syncs the processes through the `jax.distributed`
-    client's barriers, named with the prefix, instead of a collective across
-    all devices, so the write can run on the save pipeline's thread while
-    training steps run theirs (Orbax's own asynchronous checkpointer does the
-    same).
-    """
+def new_handler() -> Any:
+    """Orbax's uncompressed pytree handler for ft's array trees, with ft's handler for
+    snapshot arrays. `read` restores through it directly (`new_checkpointer` wraps it
+    for writes)."""
     import orbax.checkpoint as ocp
 
     handlers = ocp.type_handlers
@@ -81,19 +74,34 @@ def new_checkpointer(barrier_prefix: str | None = None) -> Any:
     )
     # Uncompressed: model state barely compresses, and zstd doubled the
     # write time of a 1 GB state on 2 cores (benchmarks/checkpoint_overhead.py).
-    # Synchronous Orbax: ft already runs it off the training thread on a
-    # private snapshot, and Orbax's async path would copy the state again.
-    handler = ocp.PyTreeCheckpointHandler(
+    return ocp.PyTreeCheckpointHandler(
         use_compression=False, use_zarr3=True, type_handler_registry=registry
     )
+
+
+def new_checkpointer(barrier_prefix: str | None = None) -> Any:
+    """A synchronous Orbax checkpointer for writing ft's array trees (`new_handler`).
+
+    With `barrier_prefix` (a name unique to one backup, the same on every
+    process), for a write that every process of a JAX multi-host run makes of
+    its own shards: Orbax then syncs the processes through the `jax.distributed`
+    client's barriers, named with the prefix, instead of a collective across
+    all devices, so the write can run on the save pipeline's thread while
+    training steps run theirs (Orbax's own asynchronous checkpointer does the
+    same).
+    """
+    import orbax.checkpoint as ocp
+
+    # Synchronous Orbax: ft already runs it off the training thread on a
+    # private snapshot, and Orbax's async path would copy the state again.
     if barrier_prefix is None:
-        return ocp.Checkpointer(handler)
+        return ocp.Checkpointer(new_handler())
     import jax
 
     options = ocp.options.MultiprocessingOptions(
         active_processes=set(range(jax.process_count())), barrier_sync_key_prefix=barrier_prefix
     )
-    return ocp.Checkpointer(handler, multiprocessing_options=options)
+    return ocp.Checkpointer(new_handler(), multiprocessing_options=options)
 
 
 def _cores() -> int:
@@ -179,7 +187,7 @@ def write(
 
 
 def read(
-    checkpointer: Callable[[], Any],
+    handler: Callable[[], Any],
     directory: str,
     target: dict[str, list[Any]],
     crcs: dict[str, int] | None = None,
@@ -190,9 +198,12 @@ def read(
     array whole, through Orbax otherwise (JAX arrays sharded across
     processes). `crcs` are the backup's recorded array crc32cs (Orbax name ->
     crc32c), each checked on the host values once its array is read; without
-    them, TensorStore checks the chunk codec. `checkpointer` returns the
-    store's Orbax checkpointer; it is called only when Orbax reads, so a
-    direct read never imports Orbax.
+    them, TensorStore checks the chunk codec. `handler` returns the
+    store's Orbax handler (`new_handler`); it is called only when Orbax reads,
+    so a direct read never imports Orbax. Orbax's `Checkpointer.restore` ends
+    in a barrier across all devices under JAX multi-host, which a process
+    whose read failed never reaches: ft restores through the handler, and the
+    processes then agree on their reads themselves (`ft.restore`).
 
     Raises:
         ValueError or OSError: as TensorStore reports damage (`DATA_LOSS` for
@@ -206,14 +217,27 @@ def read(
         if out is not None:
             return out
     import orbax.checkpoint as ocp
+    from etils import epath
 
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    restored: dict[str, list[Any]] = checkpointer().restore(
-        directory, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+    restored: dict[str, list[Any]] = handler().restore(
+        epath.Path(directory), args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
     )
     if crcs:
         _check_restored(restored, ocp.tree.get_param_names(restored), crcs)
     return restored
+
+
+def storage_error(error: BaseException) -> BaseException | None:
+    """The OSError or ValueError (TensorStore's, or a crc32c mismatch) that `error` is
+    or was raised from, or None. Orbax raises a bare `Exception` from TensorStore's
+    error when a sharded read fails."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError | ValueError):
+            return seen
+        seen = seen.__cause__
+    return None
 
 
 def _check_restored(
@@ -223,7 +247,7 @@ def _check_restored(
 
     An array sharded across processes cannot be summed whole here; a backup
     with array crc32cs restored that way was read whole by the chief's
-    `verify_all` first (a multi-process restore reads every array there).
+    `verify_all` first (`ft.restore`).
     """
     for group, values in restored.items():
         if not values:

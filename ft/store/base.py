@@ -20,11 +20,15 @@ is added to `open_store`; the callback does not change.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ft import errors
 from ft.metadata import FILENAME as RECORD_NAME
 from ft.metadata import BackupRecord
+
+# `BackupStore.latest`'s `read_all`: a flag, or a test of a backup's record.
+ReadAll = bool | Callable[[BackupRecord], bool]
 
 PREFIX = "ft-step-"  # a committed backup: ft-step-<step, 10 digits>
 TMP_PREFIX = ".ft-tmp-"  # a backup being written: never read, removed at the next start
@@ -111,8 +115,11 @@ class BackupStore(Protocol):
         """
         ...
 
-    def latest(self, read_all: bool = False) -> tuple[str, BackupRecord] | None:
+    def latest(self, read_all: ReadAll = False) -> tuple[str, BackupRecord] | None:
         """The newest intact backup, moving damaged newer ones aside. Primary only.
+
+        `read_all` (a flag, or a test of a backup's record): read every array
+        of a backup too (`verify_all`), not only what `verify` checks.
 
         Raises:
             CheckpointCorruptedError: when backups exist but none is intact.
@@ -172,19 +179,22 @@ class BackupStore(Protocol):
         ...
 
 
-def newest_intact(store: BackupStore, read_all: bool) -> tuple[str, BackupRecord] | None:
+def newest_intact(store: BackupStore, read_all: ReadAll) -> tuple[str, BackupRecord] | None:
     """`store.latest`, written once for every kind of store. Primary process only.
 
-    Each committed backup, newest first, is checked by `verify` (or `verify_all`
-    when `read_all`). Damaged backups newer than the newest intact one are set
-    aside (`set_aside`), so the next save of their step replaces them and they
-    never push an intact backup out of the `max_to_keep` kept. When none is
+    Each committed backup, newest first, is checked by `verify` (then by
+    `verify_all` when `read_all` is True or says so of its record). Damaged
+    backups newer than the newest intact one are set aside (`set_aside`), so
+    the next save of their step replaces them and they never push an intact
+    backup out of the `max_to_keep` kept. When none is
     intact, nothing is set aside and the newest one's damage is raised.
     """
     damaged: list[tuple[str, errors.CheckpointCorruptedError]] = []
     for path in store.committed():
         try:
-            record = store.verify_all(path) if read_all else store.verify(path)
+            record = store.verify(path)
+            if read_all is True or (callable(read_all) and read_all(record)):
+                record = store.verify_all(path)
         except errors.CheckpointCorruptedError as e:
             damaged.append((path, e))
             continue

@@ -39,7 +39,7 @@ from ft import errors
 from ft.log import get_logger
 from ft.metadata import BackupRecord
 from ft.store import bucket_arrays, bucket_lease, bucket_record
-from ft.store.base import has_older, newest_intact
+from ft.store.base import ReadAll, has_older, newest_intact
 from ft.store.bucket_lease import PREFIX as LEASE_PREFIX
 from ft.store.bucket_lease import Lease
 from ft.store.bucket_paths import BucketURL, filesystem
@@ -316,7 +316,7 @@ class BucketStore:
                 found.append((int(match.group(1)), self._url(name)))
         return [url for _, url in sorted(found, reverse=True)]
 
-    def latest(self, read_all: bool = False) -> tuple[str, BackupRecord] | None:
+    def latest(self, read_all: ReadAll = False) -> tuple[str, BackupRecord] | None:
         """The newest intact backup and its record, or None when there is none.
 
         Primary process only. Each backup is checked by `verify` (marker,

@@ -30,8 +30,9 @@ crc32c as its read lands (`read_arrays`); `verify_all` reads every array too.
 Without google-crc32c's C extension, and in backups written before ft
 recorded array crc32cs, every chunk carries TensorStore's crc32c codec
 instead (`chunk_checksums`). The JAX multi-host collective write keeps the
-codec and gets a CRC32 of every file at commit, checked by `verify`, as does
-a write the codec could not be added to (another Orbax).
+codec (each process reads and checks its own chunks); a write the codec could
+not be added to on some process (another Orbax) gets a CRC32 of every file at
+commit, checked by `verify`.
 
 Writing methods are called by the primary process only; reading methods on
 every process.
@@ -55,6 +56,7 @@ from ft.store.base import (
     RECORD,
     TMP_PREFIX,
     TRASH_PREFIX,
+    ReadAll,
     committed_name,
     committed_step,
     ft_owned,
@@ -79,6 +81,7 @@ class PosixStore:
         self.directory = os.path.abspath(os.fspath(backup_dir))
         self.max_to_keep = max_to_keep
         self._checkpointer: Any = None
+        self._reader: Any = None
         self._lock = posix_lock.FlockLock(self.directory)
         # Temporary directory -> the mark of its OCDBT data files (posix_files).
         self._data_mark: dict[str, str] = {}
@@ -151,8 +154,8 @@ class PosixStore:
         """Commit a backup that every process writes its own shards of. Call on all processes.
 
         The chief names the temporary directory and tells the others; each
-        process writes its shards through Orbax; once all have, the chief
-        checksums every file (its own and the others') and commits.
+        process writes its shards through Orbax, with a crc32c on every chunk;
+        once all have, the chief fsyncs, records the files and commits.
         """
         final = self._final(record.step)
         name = None
@@ -163,11 +166,17 @@ class PosixStore:
         if not name:
             return final
         tmp = os.path.join(self.directory, name)
-        # No process holds every array, and the chief cannot tell whether the
-        # others' arrays got the chunk crc32c: it checksums every file at commit.
-        array_io.write(self._collective_orbax(name), os.path.join(tmp, ARRAYS), arrays, owner=tmp)
-        coordinator.barrier("arrays-written", timeout)
-        if coordinator.is_chief:
+        applied = array_io.write(
+            self._collective_orbax(name), os.path.join(tmp, ARRAYS), arrays, owner=tmp
+        )
+        # No process holds every array. Each says whether every chunk it wrote
+        # got the crc32c codec; when all did, the chunks check themselves as
+        # each process reads its own, and the chief leaves the data files alone
+        # (else it checksums every file, all processes', at commit and restore).
+        written = coordinator.gather("arrays-written", "1" if applied else "0", timeout)
+        if written is not None:  # the chief, once every process has written
+            if all(value == "1" for value in written):
+                self._data_mark[tmp] = posix_files.CHUNK_CRC32C
             self._commit(tmp, final, record)
         return final
 
@@ -295,7 +304,7 @@ class PosixStore:
                 found.append((step, os.path.join(self.directory, name)))
         return [path for _, path in sorted(found, reverse=True)]
 
-    def latest(self, read_all: bool = False) -> tuple[str, BackupRecord] | None:
+    def latest(self, read_all: ReadAll = False) -> tuple[str, BackupRecord] | None:
         """The newest intact backup and its record, or None when there is none.
 
         Primary process only. Each backup is checked by `verify` (listing,
@@ -373,12 +382,16 @@ class PosixStore:
         """
         crcs = self.read_record(path).array_crc32c
         try:
-            return array_io.read(self._orbax, os.path.join(path, ARRAYS), target, crcs)
-        except (OSError, ValueError) as e:
+            return array_io.read(self._orbax_reader, os.path.join(path, ARRAYS), target, crcs)
+        except Exception as e:
             # TensorStore reports a checksum mismatch as DATA_LOSS, a short
-            # file as OUT_OF_RANGE, a missing one as NOT_FOUND (ValueError).
+            # file as OUT_OF_RANGE, a missing one as NOT_FOUND (ValueError);
+            # Orbax raises a bare Exception from it for a sharded read.
+            cause = array_io.storage_error(e)
+            if cause is None:
+                raise
             raise self._corrupted(
-                path, os.path.join(path, ARRAYS), f"its arrays cannot be read ({e})"
+                path, os.path.join(path, ARRAYS), f"its arrays cannot be read ({cause})"
             ) from e
 
     # ----------------------------------------------------------------- helpers
@@ -393,6 +406,11 @@ class PosixStore:
             self._checkpointer = array_io.new_checkpointer()
         return self._checkpointer
 
+    def _orbax_reader(self) -> Any:
+        if self._reader is None:
+            self._reader = array_io.new_handler()
+        return self._reader
+
     def _corrupted(self, path: str, file_path: str, why: str) -> errors.CheckpointCorruptedError:
         return errors.CheckpointCorruptedError(
             f"The backup {path} in backup_dir {self.directory} is damaged: file "
@@ -404,3 +422,6 @@ class PosixStore:
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
