@@ -239,6 +239,28 @@ def run_benchmark(script: str, out: Path, *args: str) -> subprocess.CompletedPro
 
 
 @pytest.mark.slow
+def test_multihost_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    proc = run_benchmark(
+        "multihost_overhead.py",
+        tmp_path,
+        *("--width", "32", "--layers", "1", "--steps", "8", "--every", "4", "--repeats", "1"),
+        *("--out", str(tmp_path)),
+    )
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0].strip("| ") for row in rows] == [
+        "raw floor",
+        "ft synchronous",
+        "ft background",
+        "keras OrbaxCheckpoint",
+    ]
+    assert all(" s | " in row for row in rows), rows  # each callback ran
+    workers = json.loads((tmp_path / "benchmark-multihost.json").read_text())
+    assert len(workers) == 2 and all(w["saves_per_fit"] == 2 for w in workers)
+    assert "ft restore" in proc.stdout
+    assert not list(tmp_path.glob("ft-multihost-*"))  # it cleans up
+
+
+@pytest.mark.slow
 def test_benchmark_gpu_mode_runs_at_a_tiny_size(tmp_path: Path) -> None:
     run_benchmark(
         "checkpoint_overhead.py",
