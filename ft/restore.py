@@ -53,9 +53,9 @@ def restore_newest_intact(
         path, record = agree_on_restore_point(store, coordinator, timeout)
         if path is None:
             return None
-        record = record or store.read_record(path)
         if coordinator.num_processes == 1:
             try:
+                record = record or store.read_record(path)
                 return load(model, store, path, record, input_state, epoch_iterator)
             except errors.CheckpointCorruptedError as e:
                 if not store.older_than(path):
@@ -65,6 +65,7 @@ def restore_newest_intact(
         loaded: Loaded | None = None
         failure: Exception | None = None
         try:
+            record = record or store.read_record(path)
             loaded = read(model, store, path, record, input_state, epoch_iterator)
         except Exception as e:  # every process learns of it before any assigns
             failure = e
