@@ -1,6 +1,7 @@
 """Crash torture: SIGKILL random workers of a 2-worker `ft.launch` job at random moments.
 
     python benchmarks/torture.py --kills 300 --backend jax [--workers 2] [--seed S]
+        [--scenario "--async-save --model-parallel"]
 
 Runs tests/scenario.py (an MLP with BatchNorm and Dropout, saving every batch)
 under `python -m ft.launch` and, while it trains, SIGKILLs a random worker at
@@ -9,6 +10,9 @@ a random moment (mid-save included, since a save happens at every step),
 every worker's final weights with an uninterrupted run and prints counts:
 kills, restarts, steps lost, restores, and any backup that failed to restore.
 Exit code 0 only when the weights are identical and no restore failed.
+`--scenario` passes more options to every run of the scenario, the reference
+included (e.g. background saves of every process's shards under JAX
+multi-host: `--async-save --model-parallel`).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
     epochs = 3 + args.kills  # about one epoch of progress between kills
     work = Path(tempfile.mkdtemp(prefix="ft-torture-"))
-    common = ["--strategy", "auto", "--epochs", str(epochs)]
+    common = ["--strategy", "auto", "--epochs", str(epochs), *args.scenario.split()]
     launch = [sys.executable, "-m", "ft.launch", "-n", str(args.workers)]
 
     ref = subprocess.run(
@@ -69,6 +73,10 @@ def run(args: argparse.Namespace) -> dict:
         str(work / "backup"),
         "--save-freq",
         "1",
+        # A kill can land after fit's end: kept, the backups let the restarted group
+        # resume at the end instead of training again from scratch (deleted, as
+        # `delete_checkpoint=True` asks, nothing would be left to resume from).
+        "--keep",
         "--pid-file",
         str(work / "pid"),
         "--out",
@@ -92,6 +100,7 @@ def run(args: argparse.Namespace) -> dict:
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     kills = 0
+    committed: list[bool] = []
     while kills < args.kills and proc.poll() is None:
         training.clear()
         if not training.wait(timeout=120):
@@ -102,6 +111,10 @@ def run(args: argparse.Namespace) -> dict:
             pid = int((work / f"pid.{victim}").read_text())
             os.kill(pid, signal.SIGKILL)
             kills += 1
+            # Whether a backup was committed when the kill landed: the next launch
+            # must then restore one (with background saves a step's line does not
+            # mean its backup is committed).
+            committed.append(any((work / "backup").glob("ft-step-*")))
         except (OSError, ValueError):
             continue
         # Wait for the launcher to notice and restart the group.
@@ -135,12 +148,13 @@ def run(args: argparse.Namespace) -> dict:
     restored = re.findall(r"\[worker 0\] ft \[process=0\] INFO: restored .*\(step (\d+)\)", text)
     reached = [int(m) for m in re.findall(r"\[worker 0\] step (\d+)", text)]
     lost, failed, last_saved = 0, 0, 0
-    for previous, segment in itertools.pairwise(segments):
+    for launch, (previous, segment) in enumerate(itertools.pairwise(segments)):
         steps = re.findall(r"\[worker 0\] step (\d+)", previous)
         last_saved = int(steps[-1]) if steps else last_saved
         found = re.search(r"\[worker 0\] ft \[process=0\] INFO: restored .*\(step (\d+)\)", segment)
         if found is None:
-            failed += int(last_saved > 0)
+            had_backup = committed[launch] if launch < len(committed) else last_saved > 0
+            failed += int(had_backup)
         else:
             lost += max(last_saved - int(found.group(1)), 0)
     failed += len(re.findall(r"CheckpointCorruptedError|is damaged", text))
@@ -148,6 +162,7 @@ def run(args: argparse.Namespace) -> dict:
         "backend": args.backend,
         "workers": args.workers,
         "seed": args.seed,
+        "scenario": args.scenario,
         "kills": kills,
         "restarts": len(segments) - 1,
         "restores": len(restored),
@@ -163,6 +178,7 @@ def run(args: argparse.Namespace) -> dict:
     if not args.keep:
         subprocess.run(["rm", "-rf", str(work)])
     else:
+        (work / "launcher.log").write_text(text)
         result["work_dir"] = str(work)
     return result
 
@@ -177,6 +193,9 @@ def main() -> None:
         "--max-delay", type=float, default=1.5, help="seconds, after training resumed"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--scenario", default="", help="more options for tests/scenario.py, in one string"
+    )
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()
     result = run(args)
