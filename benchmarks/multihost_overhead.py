@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from benchmarks.overhead_harness import Timed, train_end_clock
+from benchmarks.overhead_harness import Timed, train_end_clock, write_raw
 
 MODES = ["raw floor", "ft synchronous", "ft background", "keras OrbaxCheckpoint"]
 INPUTS = 256
@@ -292,23 +292,8 @@ def raw_floor_of_shards(directory: Path, every: int) -> Any:
                 for s in v.addressable_shards
                 if s.replica_id == 0
             ]
-            self.thread = threading.Thread(target=self._write, args=(shards, self.step))
+            self.thread = threading.Thread(target=write_raw, args=(directory, shards, self.step))
             self.thread.start()
-
-        def _write(self, shards: list[np.ndarray], step: int) -> None:
-            tmp, final = directory / f".tmp-{step}", directory / f"state-{step}"
-            with open(tmp, "wb") as f:
-                for a in shards:
-                    f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, final)
-            fd = os.open(directory, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-            for old in directory.glob("state-*"):
-                if old != final:
-                    old.unlink()
 
         def on_train_end(self, logs: Any = None) -> None:
             if self.thread is not None:

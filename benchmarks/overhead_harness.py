@@ -197,19 +197,7 @@ def raw_floor(directory: Path, every: int) -> Any:
 
         def _write(self, arrays: list[np.ndarray], step: int) -> None:
             start = time.perf_counter()
-            tmp, final = directory / f".tmp-{step}", directory / f"state-{step}"
-            with open(tmp, "wb") as f:
-                for a in arrays:
-                    f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, final)
-            fd = os.open(directory, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-            for old in directory.glob("state-*"):
-                if old != final:
-                    old.unlink()
+            write_raw(directory, arrays, step)
             self.pipeline.append(time.perf_counter() - start)
 
         def on_train_end(self, logs: Any = None) -> None:
@@ -217,6 +205,24 @@ def raw_floor(directory: Path, every: int) -> Any:
                 self.thread.join()
 
     return RawFloor()
+
+
+def write_raw(directory: Path, arrays: list[np.ndarray], step: int) -> None:
+    """The raw floor's write: the arrays' bytes into one file, fsync, rename, fsync of
+    the directory, then the previous file removed."""
+    tmp, final = directory / f".tmp-{step}", directory / f"state-{step}"
+    with open(tmp, "wb") as f:
+        for a in arrays:
+            f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, final)
+    fd = os.open(directory, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    for old in directory.glob("state-*"):
+        if old != final:
+            old.unlink()
 
 
 def limits(model: Any, work: Path) -> dict[str, float | None]:

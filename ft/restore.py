@@ -56,7 +56,7 @@ def restore_newest_intact(
         if coordinator.num_processes == 1:
             try:
                 record = record or store.read_record(path)
-                return load(model, store, path, record, input_state, epoch_iterator)
+                return apply(read(model, store, path, record, input_state, epoch_iterator))
             except errors.CheckpointCorruptedError as e:
                 if not store.older_than(path):
                     raise
@@ -222,15 +222,3 @@ def apply(loaded: Loaded) -> Restored:
     training_state.assign(loaded.variables["optimizer"], loaded.arrays["optimizer"])
     pending = list(loaded.arrays["metrics"]) if loaded.pending_metrics else None
     return Restored(loaded.path, loaded.record, pending)
-
-
-def load(
-    model: Any,
-    store: BackupStore,
-    path: str,
-    record: BackupRecord,
-    input_state: InputState,
-    epoch_iterator: Any,
-) -> Restored:
-    """`read` the backup at `path`, then `apply` it. Call on all processes."""
-    return apply(read(model, store, path, record, input_state, epoch_iterator))

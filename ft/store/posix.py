@@ -166,9 +166,11 @@ class PosixStore:
         if not name:
             return final
         tmp = os.path.join(self.directory, name)
-        applied = array_io.write(
-            self._collective_orbax(name), os.path.join(tmp, ARRAYS), arrays, owner=tmp
-        )
+        checkpointer = self._collective_orbax(name)  # one per backup: its barriers' names
+        try:
+            applied = array_io.write(checkpointer, os.path.join(tmp, ARRAYS), arrays, owner=tmp)
+        finally:
+            checkpointer.close()
         # No process holds every array. Each says whether every chunk it wrote
         # got the crc32c codec; when all did, the chunks check themselves as
         # each process reads its own, and the chief leaves the data files alone
