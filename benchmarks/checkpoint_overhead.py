@@ -13,6 +13,9 @@ process, on the same model and data, `fit` with each of these, right after a
   thread and writes its raw bytes, fsyncs and renames on a background thread;
 - `ft.BackupAndRestore` (background saves);
 - `keras.callbacks.BackupAndRestore` and `keras.callbacks.OrbaxCheckpoint`;
+- a callback that saves nothing but has an `on_train_batch_end` (a no-op):
+  Keras waits for every step's logs before calling such a hook, which costs
+  a device sync per step; ft and the raw floor have none;
 
 in two modes: saves spaced further apart than a save's background work takes
 (estimated from the limits below), and saves closer than that (`--close-every`
@@ -27,7 +30,9 @@ baseline, each timed from the start of `fit` to the end of its callbacks'
 one device-to-device copy, device-to-host copy (pageable and page-locked),
 memcpy, write + fsync, cold read. Restore time (the callback's `on_train_begin`
 inside `fit`) is compared with a cold read of the backup's files (cold when the
-kernel lets us drop the page cache).
+kernel lets us drop the page cache); ft's first restore in the process (always
+the first restore sample) is shown apart: on the H200 it paid a one-time cost
+that later ones did not.
 
 `--mode gpu` runs the JAX backend on the accelerator (sizes up to 300M);
 `--mode cpu` pins JAX to the CPU. Results: `<out>/benchmark-<mode>.json` and
@@ -50,7 +55,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from overhead_harness import SIZES, run  # noqa: E402
 
-CALLBACKS = ("raw_floor", "ft", "keras_backup_and_restore", "keras_orbax_checkpoint")
+CALLBACKS = (
+    "raw_floor",
+    "ft",
+    "keras_backup_and_restore",
+    "keras_orbax_checkpoint",
+    "per_step_hook",
+)
 
 
 def _med(values: list[float]) -> float:
@@ -106,9 +117,10 @@ def tables(results: list[dict[str, Any]]) -> str:
         "ft's pipeline by stage (median per save), against the limits of the same bytes:",
         "",
         "| backend | model | mode | snapshot made | to host | write + checksum + fsync + commit "
-        "| pipeline / write+fsync | device copy | to host, pageable | to host, pinned "
+        "| pipeline / write+fsync | fit's end: buffers freed, backups deleted "
+        "| device copy | to host, pageable | to host, pinned "
         "| memcpy | write+fsync | step |",
-        "|" + "---|" * 13,
+        "|" + "---|" * 14,
     ]
     for res in results:
         lim = res["limits"]
@@ -122,25 +134,31 @@ def tables(results: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {res['backend']} | {res['size']} | {mode} | {runs[0]['snapshot_where']} "
                 f"| {host_s} | {write_s} "
-                f"| {_ratio(pipe, lim['write_fsync'])} | {_f(lim.get('device_copy'))} "
+                f"| {_ratio(pipe, lim['write_fsync'])} "
+                f"| {_f(_med([r.get('end_release', 0.0) for r in runs]))}, "
+                f"{_f(_med([r.get('end_delete', 0.0) for r in runs]))} "
+                f"| {_f(lim.get('device_copy'))} "
                 f"| {_f(lim.get('to_host_pageable'))} | {_f(lim.get('to_host_pinned'))} "
                 f"| {_f(lim['memcpy'])} | {_f(lim['write_fsync'])} | {_f(res['step_seconds'])} |"
             )
     lines += [
         "",
         "| backend | model | ft restore | cold read of its files | ft / cold read "
+        "| ft's first restore in its process (/ its cold read) "
         "| keras B&R restore | its cold read | page cache dropped |",
-        "|" + "---|" * 8,
+        "|" + "---|" * 9,
     ]
     for res in results:
         rs = res.get("restore")
         if rs is None:  # a run cut short before its restores were measured
-            lines.append(f"| {res['backend']} | {res['size']} | not measured |" + " - |" * 5)
+            lines.append(f"| {res['backend']} | {res['size']} | not measured |" + " - |" * 6)
             continue
         ft_restore, ft_cold = _med(rs["ft_restore"]), _med(rs["ft_cold_read"])
         lines.append(
             f"| {res['backend']} | {res['size']} | {_f(ft_restore)} | {_f(ft_cold)} "
-            f"| {_ratio(ft_restore, ft_cold)} | {_f(_med(rs['keras_backup_and_restore_restore']))} "
+            f"| {_ratio(ft_restore, ft_cold)} "
+            f"| {_f(rs['ft_restore'][0])} ({_ratio(rs['ft_restore'][0], rs['ft_cold_read'][0])}) "
+            f"| {_f(_med(rs['keras_backup_and_restore_restore']))} "
             f"| {_f(_med(rs['keras_backup_and_restore_cold_read']))} "
             f"| {'yes' if rs['cache_dropped'][0] else 'no (not root)'} |"
         )

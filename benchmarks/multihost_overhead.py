@@ -279,10 +279,18 @@ def raw_floor_of_shards(directory: Path, every: int) -> Any:
             self.thread: threading.Thread | None = None
             directory.mkdir(parents=True, exist_ok=True)
 
-        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            self.step += 1
-            if self.step % every:
-                return
+        # At the next step's begin, as ft does from fit's CallbackList: a callback
+        # with an on_train_batch_end makes Keras wait for every step's logs.
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            done, self.step = self.step, self.step + 1
+            if done and done % every == 0:
+                self._save(done)
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            if self.step % every == 0:
+                self._save(self.step)
+
+        def _save(self, step: int) -> None:
             if self.thread is not None:
                 self.thread.join()
             state = [v.value for v in self.model.variables + self.model.optimizer.variables]
@@ -292,7 +300,7 @@ def raw_floor_of_shards(directory: Path, every: int) -> Any:
                 for s in v.addressable_shards
                 if s.replica_id == 0
             ]
-            self.thread = threading.Thread(target=write_raw, args=(directory, shards, self.step))
+            self.thread = threading.Thread(target=write_raw, args=(directory, shards, step))
             self.thread.start()
 
         def on_train_end(self, logs: Any = None) -> None:

@@ -184,6 +184,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._resume: BackupRecord | None = None
         self._pending_metrics: list[Any] | None = None
         self._input: InputState | None = None
+        self._began: int | None = None  # the batch the step that began last began at
+        self._ended = False  # whether that step has ended
+        self._undo_step_hook: Any = None
 
     # ------------------------------------------------------------- fit hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -220,6 +223,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         # Nobody trains (and the chief replaces no backup) until all have loaded.
         self._coordinator.barrier("restored", self.timeout)
         self._preempted = False
+        self._undo_step_hook = fit_loop.at_each_step_end(model, self._step_ended)
         if self._coordinator.num_processes > 1:
             fit_loop.guard_train_function(model, self._coordinator)
         if self.save_before_preemption:
@@ -242,6 +246,7 @@ class BackupAndRestore(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         model = self.model
         self._epoch, self._batch = epoch, 0
+        self._began, self._ended = None, False
         resume, self._resume = self._resume, None
         model._initial_epoch = None  # honoured once, by this fit only
         assert self._input is not None
@@ -254,10 +259,16 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         assert self._input is not None
+        fit_loop.check_step_ended(batch, self._began, self._ended)
+        self._began, self._ended = batch, False
         self._input.batch_begins(batch)
 
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+    # No `on_train_batch_end` (Keras would wait for every step's logs before
+    # calling it): `fit_loop.at_each_step_end` calls this at the same place.
+    def _step_ended(self, batch: int) -> None:
+        """Count the step that ended at `batch`; save if due. Every process, training thread."""
         assert self._input is not None
+        self._ended = True
         self._input.batch_ended()
         done = batch + 1
         self._step += max(done - self._batch, 0)
@@ -334,6 +345,9 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._pipeline.when_idle(self._store.unlock)
         self.model._initial_epoch = None
         fit_loop.unguard_train_function(self.model)
+        if self._undo_step_hook is not None:
+            self._undo_step_hook()
+            self._undo_step_hook = None
         if self._preemption is not None:
             self._preemption.uninstall()
             self._preemption = None

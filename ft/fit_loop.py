@@ -1,9 +1,10 @@
 """Where ft reaches into Keras 3's `fit` loop, kept in one module.
 
-Three hooks: resuming mid-epoch (below), building an unbuilt model before a
+Four hooks: resuming mid-epoch (below), building an unbuilt model before a
 restore (`ensure_built`, since the TensorFlow trainer builds only at its first
-step), and turning an engine's lost-peer error in a training step into
-`PeerLostError` (`guard_train_function`).
+step), seeing each step end without a callback's `on_train_batch_end`, which
+costs a device sync per step (`at_each_step_end`), and turning an engine's
+lost-peer error in a training step into `PeerLostError` (`guard_train_function`).
 
 Keras 3 has no "initial step": `fit` honours `model._initial_epoch` and always
 starts an epoch at batch 0. To resume mid-epoch, ft finds the `EpochIterator`
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -59,6 +61,18 @@ def incompatible(what: str) -> errors.IncompatibleKerasError:
     )
 
 
+def _fit_local(model: Any, name: str, kind: type) -> Any | None:
+    """Local `name` of the `fit` call of `model` on this thread's stack, if a `kind`."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is model:
+            candidate = frame.f_locals.get(name)
+            if isinstance(candidate, kind):
+                return candidate
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
 def find_epoch_iterator(model: Any) -> Any | None:
     """The `EpochIterator` of the `fit` call of `model` on this thread's stack, or None.
 
@@ -66,14 +80,67 @@ def find_epoch_iterator(model: Any) -> Any | None:
     """
     from keras.src.trainers.epoch_iterator import EpochIterator
 
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is model:
-            candidate = frame.f_locals.get("epoch_iterator")
-            if isinstance(candidate, EpochIterator):
-                return candidate
-        frame = frame.f_back  # type: ignore[assignment]
-    return None
+    return _fit_local(model, "epoch_iterator", EpochIterator)
+
+
+def at_each_step_end(model: Any, on_step_end: Callable[[int], None]) -> Callable[[], None]:
+    """Run `on_step_end(batch)` on the training thread as each step of `fit` ends,
+    before any callback's `on_train_batch_end`. Returns the undo.
+
+    Call from `on_train_begin`. ft does not override `on_train_batch_end`:
+    Keras turns every step's logs into Python floats before it calls a
+    callback that does, which waits for the step to finish on the device and
+    keeps the host from queuing the next one (with none, it hands the logs to
+    the callbacks on a thread pool and goes on). Wrapping this `fit`'s
+    `CallbackList.on_train_batch_end`, on that instance only, sees every step
+    end at the same place without that wait.
+
+    Raises:
+        IncompatibleKerasError: `fit` has no local `callbacks` of type `CallbackList`.
+    """
+    import keras
+
+    callbacks = _fit_local(model, "callbacks", keras.callbacks.CallbackList)
+    if callbacks is None:
+        raise incompatible("`Model.fit` has no local `callbacks` of type `CallbackList`")
+    had_own = "on_train_batch_end" in vars(callbacks)
+    original = callbacks.on_train_batch_end
+
+    def on_train_batch_end(batch: int, logs: Any = None) -> Any:
+        on_step_end(batch)
+        return original(batch, logs)
+
+    on_train_batch_end._ft_original = original  # type: ignore[attr-defined]
+    callbacks.on_train_batch_end = on_train_batch_end
+    # Weak references only: the callback holding the undo must not keep `fit`'s
+    # CallbackList alive (its end is when ft undoes a fit that raised elsewhere).
+    ref, wrapper = weakref.ref(callbacks), weakref.ref(on_train_batch_end)
+
+    def undo() -> None:
+        target = ref()
+        if target is None:
+            return
+        installed: Any = vars(target).get("on_train_batch_end")
+        if installed is not None and installed is wrapper():
+            if had_own:
+                target.on_train_batch_end = vars(installed)["_ft_original"]
+            else:
+                del target.on_train_batch_end
+
+    return undo
+
+
+def check_step_ended(batch: int, began: int | None, ended: bool) -> None:
+    """Raise unless the step that began at batch `began` ended before batch `batch` began.
+
+    Call from `on_train_batch_begin`: catches a `fit` that no longer calls its
+    `CallbackList.on_train_batch_end` after each step (`at_each_step_end`).
+    """
+    if began is not None and not ended:
+        raise incompatible(
+            f"`fit` began batch {batch} after the step at batch {began} without calling "
+            "its `CallbackList.on_train_batch_end`, where ft saves"
+        )
 
 
 def require_epoch_iterator(model: Any) -> Any:

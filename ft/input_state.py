@@ -114,7 +114,7 @@ class InputState:
             fit_loop.check_resumed_batch(batch, expected)
 
     def batch_ended(self) -> None:
-        """Call from `on_train_batch_end`, before saving."""
+        """Call as each step ends, before saving."""
         self._fresh = False
 
     def where(self, at_epoch_end: bool) -> tuple[int, dict[str, Any], int]:

@@ -404,3 +404,98 @@ def test_background_save_error_is_never_lost(
 def test_invalid_async_save_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Invalid value for argument `async_save`"):
         ft.BackupAndRestore(tmp_path, async_save="yes")
+
+
+# ----------------------------------------------- deletion at fit's end, off the thread
+
+
+def test_delete_checkpoint_leaves_nothing_under_backup_dir_when_fit_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bytes go on a background thread (slowed here); the backups are gone at once."""
+    import shutil
+
+    from ft.store import posix_removal
+
+    removing = threading.Event()
+    release = threading.Event()
+    rmtree = shutil.rmtree
+
+    def slow_rmtree(path: str, *args: object, **kwargs: object) -> None:
+        if os.path.basename(path).startswith(".ft-trash-b-"):  # the backup_dir moved aside
+            removing.set()
+            release.wait(30)
+        rmtree(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    backup = tmp_path / "work" / "b"
+    backup.parent.mkdir()
+    make_model().fit(
+        X,
+        Y,
+        batch_size=4,
+        epochs=2,
+        callbacks=[ft.BackupAndRestore(backup, save_freq=3)],
+        verbose=0,
+    )
+    assert not backup.exists()
+    monkeypatch.setattr(shutil, "rmtree", slow_rmtree)
+    make_model().fit(
+        X,
+        Y,
+        batch_size=4,
+        epochs=2,
+        callbacks=[ft.BackupAndRestore(backup, save_freq=3)],
+        verbose=0,
+    )
+    assert removing.wait(30)
+    assert not backup.exists()  # fit returned while the removal waits
+    (aside,) = list(backup.parent.iterdir())
+    assert aside.name.startswith(".ft-trash-b-")
+    # A new run in the same backup_dir meanwhile starts fresh and clean.
+    callback = ft.BackupAndRestore(backup, save_freq=3, delete_checkpoint=False)
+    make_model().fit(X, Y, batch_size=4, epochs=1, callbacks=[callback], verbose=0)
+    assert callback.restored is None
+    release.set()
+    assert posix_removal.wait(30)
+    assert sorted(p.name for p in backup.parent.iterdir()) == ["b"]
+    assert sorted(os.listdir(backup)) == [".ft-lock", "ft-step-0000000008"]
+
+
+def test_trash_of_a_run_killed_while_deleting_is_removed_by_the_next(tmp_path: Path) -> None:
+    backup = tmp_path / "b"
+    left = tmp_path / ".ft-trash-b-0123456789ab"  # as `delete` renames a backup_dir aside
+    (left / "ft-step-0000000004").mkdir(parents=True)
+    other = tmp_path / ".ft-trash-bb-0123456789ab"  # another backup_dir's: not this run's
+    other.mkdir()
+    callback = ft.BackupAndRestore(backup, save_freq=3, delete_checkpoint=False)
+    make_model().fit(X, Y, batch_size=4, epochs=1, callbacks=[callback], verbose=0)
+    assert not left.exists() and other.exists()
+
+
+def test_the_interpreter_waits_for_the_removal_at_exit(tmp_path: Path) -> None:
+    script = f"""
+import shutil, time
+import numpy as np, keras, ft
+rmtree = shutil.rmtree
+def slow(path, *a, **k):
+    if ".ft-trash-" in str(path):
+        time.sleep(2)
+    rmtree(path, *a, **k)
+shutil.rmtree = slow
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+model.compile("sgd", "mse")
+x = np.ones((16, 4), "float32")
+model.fit(x, x[:, :1], batch_size=4, epochs=1, verbose=0,
+          callbacks=[ft.BackupAndRestore({str(tmp_path / "b")!r}, save_freq=2)])
+print("FIT RETURNED", flush=True)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=engine_env(keras.backend.backend()),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0 and "FIT RETURNED" in proc.stdout, proc.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []

@@ -152,6 +152,51 @@ def test_a_fit_interrupted_mid_epoch_resumes_at_its_batch(tmp_path: Path) -> Non
     assert seen.seen == [(0, 2), (0, 3), (0, 4)] + [(1, b) for b in range(5)]
 
 
+@pytest.mark.keras_compat
+def test_ft_has_no_batch_end_hook_that_would_make_keras_wait_for_every_step() -> None:
+    """Keras converts every step's logs to Python floats (a device sync) before it
+    calls a callback whose `on_train_batch_end` is not its default; ft's is."""
+    from keras.src.utils.python_utils import is_default
+
+    assert is_default(keras.callbacks.Callback().on_train_batch_end)
+    assert is_default(ft.BackupAndRestore("/tmp/unused").on_train_batch_end)
+
+
+@pytest.mark.keras_compat
+def test_a_save_is_taken_before_any_callback_hears_of_its_step(tmp_path: Path) -> None:
+    """A callback listed before ft that raises in `on_train_batch_end` of a step
+    whose save is due: the backup of that step exists."""
+    x, y = _data()
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if batch == 3:
+                raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        _model().fit(
+            x,
+            y,
+            batch_size=2,
+            epochs=2,
+            callbacks=[Stop(), ft.BackupAndRestore(tmp_path, save_freq=4)],
+            verbose=0,
+        )
+    backup = ft.BackupAndRestore(tmp_path, save_freq=4)
+    _model().fit(x, y, batch_size=2, epochs=2, callbacks=[backup], verbose=0)
+    assert backup.restored is not None and backup.restored["step"] == 4
+
+
+def test_a_fit_that_skips_its_batch_end_hooks_is_an_error_not_a_silent_miss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As if Keras stopped calling its `CallbackList.on_train_batch_end` after a step."""
+    monkeypatch.setattr(fit_loop, "at_each_step_end", lambda model, on_step_end: lambda: None)
+    with pytest.raises(errors.IncompatibleKerasError, match="on_train_batch_end") as raised:
+        _resume(tmp_path)
+    assert keras.version() in str(raised.value)
+
+
 def test_missing_epoch_iterator_is_an_error_naming_the_keras_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -138,9 +138,11 @@ def test_sigterm_to_one_worker_saves_same_step_on_all_even_if_one_learns_late(
     ]
     assert saved[0] == saved[1] and len(saved[0]) == 1, saved
     # The signalled worker holds at boundary 18; the other, blocked in step 19's
-    # collective, has passed 18: its bound, and the agreed step, is 19.
+    # collective on its device, has passed 18 on its host, and maybe the next
+    # boundary too (Keras does not wait for each step's logs when no callback
+    # has an on_train_batch_end): its bound, and the agreed step, is past 18.
     step = int(saved[0][0])
-    assert step == 19
+    assert step >= 19
     for index, worker in enumerate(result.workers):
         assert worker.resumed is not None and worker.resumed.step == step
         assert report(tmp_path / f"w{index}.npz")["restored"]["step"] == step

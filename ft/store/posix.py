@@ -48,7 +48,7 @@ from typing import Any
 
 from ft import errors
 from ft.metadata import BackupRecord
-from ft.store import array_checksums, posix_files, posix_lock
+from ft.store import array_checksums, posix_files, posix_lock, posix_removal
 from ft.store import arrays as array_io
 from ft.store.base import (
     ARRAYS,
@@ -131,6 +131,7 @@ class PosixStore:
         for name in self._names():
             if name.startswith((TMP_PREFIX, TRASH_PREFIX)):
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        posix_removal.sweep_siblings(self.directory, TRASH_PREFIX)
 
     def write(self, record: BackupRecord, arrays: Any) -> str:
         """Commit a backup of `arrays` described by `record`. Primary process only.
@@ -275,11 +276,20 @@ class PosixStore:
 
         This includes backups moved aside as damaged: the run that owned
         them completed. `backup_dir` itself is removed only when nothing else
-        is left in it.
+        is left in it: it is then renamed aside at once and its bytes removed
+        on a background thread (`posix_removal`); otherwise ft's entries are
+        removed here.
         """
         if not os.path.isdir(self.directory):
             return
-        for name in self._names():
+        names = self._names()
+        if all(ft_owned(n) or n == posix_lock.LOCK_NAME for n in names):
+            aside = posix_removal.move_aside(self.directory, TRASH_PREFIX)  # lock held
+            if aside is not None:
+                self._lock.release()
+                posix_removal.remove_in_background([aside])
+                return
+        for name in names:
             if ft_owned(name):
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
         self._lock.release()
