@@ -19,7 +19,6 @@ must not outlive it, so `on_fit_exit` runs a cleanup once, at the first of:
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -128,10 +127,11 @@ def _wrap_context(target: Any, name: str, fit_exit: FitExit) -> None:
 
 def _fit_locals(model: Any) -> tuple[Any, Any]:
     """The `CallbackList` and `EpochIterator` of the `fit` of `model` on this thread's stack."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is model:
-            found = frame.f_locals
-            return found.get("callbacks"), found.get("epoch_iterator")
-        frame = frame.f_back  # type: ignore[assignment]
-    return None, None
+    import keras
+
+    from ft import fit_loop
+
+    return (
+        fit_loop.fit_local(model, "callbacks", keras.callbacks.CallbackList),
+        fit_loop.find_epoch_iterator(model),
+    )

@@ -61,7 +61,7 @@ def incompatible(what: str) -> errors.IncompatibleKerasError:
     )
 
 
-def _fit_local(model: Any, name: str, kind: type) -> Any | None:
+def fit_local(model: Any, name: str, kind: type) -> Any | None:
     """Local `name` of the `fit` call of `model` on this thread's stack, if a `kind`."""
     frame = sys._getframe(2)
     while frame is not None:
@@ -80,7 +80,7 @@ def find_epoch_iterator(model: Any) -> Any | None:
     """
     from keras.src.trainers.epoch_iterator import EpochIterator
 
-    return _fit_local(model, "epoch_iterator", EpochIterator)
+    return fit_local(model, "epoch_iterator", EpochIterator)
 
 
 def at_each_step_end(model: Any, on_step_end: Callable[[int], None]) -> Callable[[], None]:
@@ -90,8 +90,9 @@ def at_each_step_end(model: Any, on_step_end: Callable[[int], None]) -> Callable
     Call from `on_train_begin`. ft does not override `on_train_batch_end`:
     Keras turns every step's logs into Python floats before it calls a
     callback that does, which waits for the step to finish on the device and
-    keeps the host from queuing the next one (with none, it hands the logs to
-    the callbacks on a thread pool and goes on). Wrapping this `fit`'s
+    keeps the host from queuing the next one (with none, and a backend that
+    allows it, JAX, it hands the logs to the callbacks on a thread pool and
+    goes on). Wrapping this `fit`'s
     `CallbackList.on_train_batch_end`, on that instance only, sees every step
     end at the same place without that wait.
 
@@ -100,7 +101,7 @@ def at_each_step_end(model: Any, on_step_end: Callable[[int], None]) -> Callable
     """
     import keras
 
-    callbacks = _fit_local(model, "callbacks", keras.callbacks.CallbackList)
+    callbacks = fit_local(model, "callbacks", keras.callbacks.CallbackList)
     if callbacks is None:
         raise incompatible("`Model.fit` has no local `callbacks` of type `CallbackList`")
     had_own = "on_train_batch_end" in vars(callbacks)

@@ -465,11 +465,12 @@ def test_trash_of_a_run_killed_while_deleting_is_removed_by_the_next(tmp_path: P
     backup = tmp_path / "b"
     left = tmp_path / ".ft-trash-b-0123456789ab"  # as `delete` renames a backup_dir aside
     (left / "ft-step-0000000004").mkdir(parents=True)
-    other = tmp_path / ".ft-trash-bb-0123456789ab"  # another backup_dir's: not this run's
-    other.mkdir()
+    others = [tmp_path / ".ft-trash-bb-0123456789ab", tmp_path / ".ft-trash-b-x-0123456789ab"]
+    for other in others:  # other backup_dirs' (bb, b-x): not this run's
+        other.mkdir()
     callback = ft.BackupAndRestore(backup, save_freq=3, delete_checkpoint=False)
     make_model().fit(X, Y, batch_size=4, epochs=1, callbacks=[callback], verbose=0)
-    assert not left.exists() and other.exists()
+    assert not left.exists() and all(other.exists() for other in others)
 
 
 def test_the_interpreter_waits_for_the_removal_at_exit(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ process killed before it ends leaves trash that the next run in the same
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
@@ -61,9 +62,10 @@ def sweep_siblings(directory: str, trash_prefix: str) -> None:
         return
     with _lock:
         removing = set(_removing)
+    pattern = re.compile(re.escape(prefix) + r"[0-9a-f]{12}")
     for name in names:
         path = os.path.join(parent, name)
-        if name.startswith(prefix) and path not in removing:
+        if pattern.fullmatch(name) and path not in removing:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -75,13 +77,15 @@ def remove_in_background(paths: Iterable[str]) -> None:
 
     def remove() -> None:
         start = time.perf_counter()
-        for path in paths:
-            shutil.rmtree(path, ignore_errors=True)
-        seconds = time.perf_counter() - start
-        logger.debug("removed %d deleted backup paths in %.3f s", len(paths), seconds)
-        with _lock:
-            _running.remove(thread)
-            _removing.difference_update(paths)
+        try:
+            for path in paths:
+                shutil.rmtree(path, ignore_errors=True)
+            seconds = time.perf_counter() - start
+            logger.debug("removed %d deleted backup paths in %.3f s", len(paths), seconds)
+        finally:
+            with _lock:
+                _running.remove(thread)
+                _removing.difference_update(paths)
 
     thread = threading.Thread(target=remove, name="ft-delete-backups", daemon=False)
     with _lock:
