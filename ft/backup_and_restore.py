@@ -282,6 +282,12 @@ class BackupAndRestore(keras.callbacks.Callback):
         preempt = stop_at is not None and self._step >= stop_at
         if scheduled and self._due_step is None:
             self._due_step = self._step
+        if self._due_step is not None and self._pipeline.busy():
+            # Keras does not wait for each step's logs, so under JAX this thread
+            # may be steps ahead of the device: while a save is due, decide at
+            # device time whether the one in flight still needs the steps a move
+            # gives it (a sync per step only while a save waits).
+            training_state.wait_for_device(self.model)
         if preempt or (self._due_step is not None and not self._must_move()):
             self._save(*self._position(done))
         if preempt:

@@ -67,6 +67,20 @@ def live_variables(model: Any) -> dict[str, list[Any]]:
     }
 
 
+def wait_for_device(model: Any) -> None:
+    """Return once the device has run every step dispatched so far (JAX; TensorFlow's
+    `fit` already waits for each step's logs). Training thread."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return
+    import jax
+
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        jax.block_until_ready(optimizer.iterations.value)
+
+
 def _spec(variable: Any) -> VariableSpec:
     from keras import backend
 
