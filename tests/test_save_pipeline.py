@@ -150,6 +150,40 @@ def test_saves_due_while_one_is_in_flight_move_and_training_goes_on(
     assert (tmp_path / "b" / "ft-step-0000000016").is_dir()
 
 
+def test_a_due_save_waits_for_the_device_only_while_the_last_is_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keras does not wait for each step's logs: under JAX the training thread can be
+    steps ahead of the device, so whether a due save must move is decided after the
+    device has caught up, and only then (no wait at all while nothing is due)."""
+    from ft import training_state
+
+    release = threading.Event()
+    written = held_writes(monkeypatch, release)
+    callback = ft.BackupAndRestore(
+        tmp_path / "b", save_freq=2, delete_checkpoint=False, async_save=True
+    )
+    waits: list[tuple[int, bool]] = []
+    monkeypatch.setattr(
+        training_state,
+        "wait_for_device",
+        lambda model: waits.append((callback._step, callback._pipeline.busy())),
+    )
+
+    class Release(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if batch == 9:
+                release.set()
+
+    make_model().fit(X, Y, batch_size=4, epochs=1, callbacks=[callback, Release()], verbose=0)
+    # The save of step 2 is held until step 10: the save due at step 4 waits for it,
+    # with a wait for the device at each step from 4 until it is taken.
+    steps = [step for step, _ in waits]
+    assert steps[:6] == [4, 5, 6, 7, 8, 9], waits
+    assert all(busy for _, busy in waits)
+    assert written[0] == 2 and callback.stats.moved_saves >= 1
+
+
 def test_a_save_due_at_fits_end_is_not_written_when_the_backups_are_deleted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
