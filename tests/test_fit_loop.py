@@ -109,14 +109,21 @@ def test_skip_of_an_input_of_unknown_length_lasts_one_epoch() -> None:
 # ----------------------------------------------------- run-time guards
 
 
+class StopAfter(keras.callbacks.Callback):
+    """Raises `RuntimeError("stop")` in `on_train_batch_end` of batch `batch`."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.batch = batch
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if batch == self.batch:
+            raise RuntimeError("stop")
+
+
 def _interrupted_backup(tmp_path: Path) -> None:
     """A backup of epoch 0, batch 2 (of 5) in tmp_path."""
     x, y = _data()
-
-    class Stop(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            if batch == 2:
-                raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError, match="stop"):
         _model().fit(
@@ -124,7 +131,7 @@ def _interrupted_backup(tmp_path: Path) -> None:
             y,
             batch_size=2,
             epochs=2,
-            callbacks=[ft.BackupAndRestore(tmp_path, save_freq=2), Stop()],
+            callbacks=[ft.BackupAndRestore(tmp_path, save_freq=2), StopAfter(2)],
             verbose=0,
         )
 
@@ -168,18 +175,13 @@ def test_a_save_is_taken_before_any_callback_hears_of_its_step(tmp_path: Path) -
     whose save is due: the backup of that step exists."""
     x, y = _data()
 
-    class Stop(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            if batch == 3:
-                raise RuntimeError("stop")
-
     with pytest.raises(RuntimeError, match="stop"):
         _model().fit(
             x,
             y,
             batch_size=2,
             epochs=2,
-            callbacks=[Stop(), ft.BackupAndRestore(tmp_path, save_freq=4)],
+            callbacks=[StopAfter(3), ft.BackupAndRestore(tmp_path, save_freq=4)],
             verbose=0,
         )
     backup = ft.BackupAndRestore(tmp_path, save_freq=4)
@@ -240,18 +242,13 @@ def test_steps_that_skip_the_saved_batch_are_an_error(tmp_path: Path) -> None:
     """A backup of batch 3 resumed with steps_per_execution=2 (steps 0-1, 2-3, ...)."""
     x, y = _data()
 
-    class Stop(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            if batch == 3:
-                raise RuntimeError("stop")
-
     with pytest.raises(RuntimeError, match="stop"):
         _model().fit(
             x,
             y,
             batch_size=2,
             epochs=2,
-            callbacks=[ft.BackupAndRestore(tmp_path, save_freq=3), Stop()],
+            callbacks=[ft.BackupAndRestore(tmp_path, save_freq=3), StopAfter(3)],
             verbose=0,
         )
     model = _model()
