@@ -26,6 +26,7 @@ from ft.input_state import InputState
 from ft.log import get_logger
 from ft.metadata import BackupRecord
 from ft.saving import ASYNC_THRESHOLD_BYTES
+from ft.schedule import SaveSchedule
 from ft.snapshot import Snapshotter
 from ft.store import BackupStore, open_store
 
@@ -172,27 +173,20 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._snapshotter: Snapshotter = Snapshotter()
         self.stats: report.SaveStats = report.SaveStats()
         self._fit_start: float = time.monotonic()
-        self._due_step: int | None = None
+        self._schedule: SaveSchedule = SaveSchedule(save_freq)
         self._fit_exit: fit_exit.FitExit | None = None
         self._preempted: bool = False
         self.restored: dict[str, Any] | None = None
         self._epoch_iterator: Any = None
-        self._step: int = 0
-        self._last_saved_step: int = 0
-        self._epoch: int = 0
-        self._batch: int = 0
         self._resume: BackupRecord | None = None
         self._pending_metrics: list[Any] | None = None
         self._input: InputState | None = None
-        self._began: int | None = None  # the batch the step that began last began at
-        self._ended = False  # whether that step has ended
         self._undo_step_hook: Any = None
 
     # ------------------------------------------------------------- fit hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self.stats = report.SaveStats()
         self._fit_start = time.monotonic()
-        self._due_step = None
         saving.wait_for_earlier_fit(self._pipeline, self.timeout)
         model = self.model
         # Undone however this fit ends (Keras calls on_train_end only when it completes).
@@ -211,7 +205,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         log.set_process_index(self._coordinator.process_index)
         self._epoch_iterator = fit_loop.require_epoch_iterator(model)
         self._input = InputState(self._epoch_iterator)
-        self._step = self._last_saved_step = self._batch = 0
+        self._schedule = SaveSchedule(self.save_freq)
         self._resume = None
         self._pending_metrics = None
         self.restored = None
@@ -233,7 +227,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 self.timeout,
                 stride=getattr(model, "steps_per_execution", 1) or 1,
             )
-            self._preemption.install(self._step)
+            self._preemption.install(self._schedule.step)
         how = report.how_saved(
             self.async_save,
             strategies.every_process_writes(self._coordinator),
@@ -245,22 +239,21 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         model = self.model
-        self._epoch, self._batch = epoch, 0
-        self._began, self._ended = None, False
         resume, self._resume = self._resume, None
         model._initial_epoch = None  # honoured once, by this fit only
         assert self._input is not None
+        batch = 0
         if resume is not None and resume.epoch == epoch:
             if self._pending_metrics is not None:
                 training_state.assign(model.metrics_variables, self._pending_metrics)
-            self._batch = self._input.resume_epoch(resume)
+            batch = self._input.resume_epoch(resume)
+        self._schedule.epoch_begins(epoch, batch)
         self._pending_metrics = None
         self._input.epoch_begins()
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         assert self._input is not None
-        fit_loop.check_step_ended(batch, self._began, self._ended)
-        self._began, self._ended = batch, False
+        self._schedule.batch_begins(batch)
         self._input.batch_begins(batch)
 
     # No `on_train_batch_end` (Keras would wait for every step's logs before
@@ -268,28 +261,20 @@ class BackupAndRestore(keras.callbacks.Callback):
     def _step_ended(self, batch: int) -> None:
         """Count the step that ended at `batch`; save if due. Every process, training thread."""
         assert self._input is not None
-        self._ended = True
+        schedule = self._schedule
         self._input.batch_ended()
-        done = batch + 1
-        self._step += max(done - self._batch, 0)
-        self._batch = done
-        scheduled = False
-        if not isinstance(self.save_freq, (bool, str)):
-            freq = int(self.save_freq)
-            scheduled = self._step // freq > self._last_saved_step // freq
-        stop_at = self._preemption.stop_step(self._step) if self._preemption else None
+        schedule.step_ended(batch)
+        stop_at = self._preemption.stop_step(schedule.step) if self._preemption else None
         # The first boundary at or after the agreed step: the same one on every worker.
-        preempt = stop_at is not None and self._step >= stop_at
-        if scheduled and self._due_step is None:
-            self._due_step = self._step
-        if self._due_step is not None and self._pipeline.busy():
+        preempt = stop_at is not None and schedule.step >= stop_at
+        if schedule.due and self._pipeline.busy():
             # Keras does not wait for each step's logs, so under JAX this thread
             # may be steps ahead of the device: while a save is due, decide at
             # device time whether the one in flight still needs the steps a move
             # gives it (a sync per step only while a save waits).
             training_state.wait_for_device(self.model)
-        if preempt or (self._due_step is not None and not self._must_move()):
-            self._save(*self._position(done))
+        if preempt or (schedule.due and not self._must_move()):
+            self._save(*schedule.position(fit_loop.num_batches(self._epoch_iterator)))
         if preempt:
             self._preempted = True
             self.model.stop_training = True
@@ -297,9 +282,8 @@ class BackupAndRestore(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         # After a preemption save, Keras still ends the cut-short epoch: that is
         # not a completed epoch, and the backup already holds the right batch.
-        if self.save_freq == "epoch" and not self._preempted:
-            if self._due_step is None:
-                self._due_step = self._step
+        if self._schedule.at_epoch_end and not self._preempted:
+            self._schedule.mark_due()
             if not self._must_move():
                 self._save(epoch=epoch + 1, batch=0, at_epoch_end=True)
 
@@ -307,18 +291,21 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._fit_exit is not None:
             fit_exit_, self._fit_exit = self._fit_exit, None
             fit_exit_()
+        schedule = self._schedule
         delete = self.delete_checkpoint and not self._preempted
         keep = not self.delete_checkpoint and not self._preempted
         # A save moved past the last step is made here, unless the backups are
         # about to be deleted: then it would be written only to be removed (a
         # crash before the deletion resumes from the last committed backup).
-        dropped = self._due_step is not None and delete
-        if dropped and self._due_step is not None:  # it moved, to past the end
-            self.stats.add_moved(self._step - self._due_step)
-        if keep and (self._due_step is not None or self._step > self._last_saved_step):
+        moved = schedule.drop_due() if delete else None
+        dropped = moved is not None
+        if moved is not None:  # it moved, to past the end
+            self.stats.add_moved(moved)
+        if keep and schedule.unsaved:
             # The final state to keep: the end of fit waits for it.
-            self._save(*self._position(self._batch, fit_ended=True))
-        self._due_step = None
+            num_batches = fit_loop.num_batches(self._epoch_iterator)
+            self._save(*schedule.position(num_batches, fit_ended=True))
+        schedule.drop_due()
         saving.finish_fit(
             self._store,
             self._coordinator,
@@ -329,7 +316,12 @@ class BackupAndRestore(keras.callbacks.Callback):
             timeout=self.timeout,
         )
         kept = report.what_is_kept(
-            keep, self._preempted, dropped, self._last_saved_step, self._step, self._store.directory
+            keep,
+            self._preempted,
+            dropped,
+            schedule.last_saved_step,
+            schedule.step,
+            self._store.directory,
         )
         writer = self._coordinator.is_chief or strategies.every_process_writes(self._coordinator)
         seconds = time.monotonic() - self._fit_start
@@ -337,7 +329,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._preempted:
             logger.info(
                 "preempted: saved at step %d; exiting with code %d (restart me)",
-                self._step,
+                schedule.step,
                 preemption.PREEMPTED_EXIT_CODE,
             )
             sys.exit(preemption.PREEMPTED_EXIT_CODE)
@@ -363,15 +355,6 @@ class BackupAndRestore(keras.callbacks.Callback):
         """True when a due save moves to a later step. Call on all processes at the same step."""
         return saving.save_moves(self._coordinator, self._pipeline, self.timeout)
 
-    def _position(self, done: int, fit_ended: bool = False) -> tuple[int, int, bool]:
-        """Epoch, batch and end-of-epoch flag of a save after `done` batches of this epoch."""
-        total = fit_loop.num_batches(self._epoch_iterator)
-        if done == total or (fit_ended and (total is None or done > total)):
-            # The epoch's last batch: resume at the next epoch's start (a
-            # Keras epoch with no batch left to run cannot end cleanly).
-            return self._epoch + 1, 0, True
-        return self._epoch, done, False
-
     def _save(self, epoch: int, batch: int, at_epoch_end: bool) -> None:
         """Back up the state at this step. Call on all processes; the chief writes.
 
@@ -381,12 +364,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         hold the same state, so the chief's copy is the group's.
         """
         start = time.perf_counter()
-        if self._due_step is not None and self._step > self._due_step:
-            self.stats.add_moved(self._step - self._due_step)
-        self._due_step = None
+        moved = self._schedule.saved()
+        if moved:
+            self.stats.add_moved(moved)
         try:
             variables = training_state.live_variables(self.model)
-            self._last_saved_step = self._step
             saving.save_now(
                 variables,
                 store=self._store,
@@ -395,7 +377,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 snapshotter=self._snapshotter,
                 input_state=self._input,
                 stats=self.stats,
-                step=self._step,
+                step=self._schedule.step,
                 epoch=epoch,
                 batch=batch,
                 at_epoch_end=at_epoch_end,
@@ -409,7 +391,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         """Resume from what `restore.restore_newest_intact` loaded. Call on all processes."""
         record = restored.record
         self._pending_metrics = restored.pending_metrics
-        self._step = self._last_saved_step = record.step
+        self._schedule.start(record.step)
         self._resume = record
         self.model._initial_epoch = record.epoch
         self.restored = {

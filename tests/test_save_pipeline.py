@@ -167,7 +167,7 @@ def test_a_due_save_waits_for_the_device_only_while_the_last_is_in_flight(
     monkeypatch.setattr(
         training_state,
         "wait_for_device",
-        lambda model: waits.append((callback._step, callback._pipeline.busy())),
+        lambda model: waits.append((callback._schedule.step, callback._pipeline.busy())),
     )
 
     class Release(keras.callbacks.Callback):
