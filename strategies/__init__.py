@@ -12,14 +12,13 @@ from typing import Any
 from ft.strategies import cluster_env
 from ft.strategies.base import (
     DEFAULT_TIMEOUT,
-    ClusterSpec,
     Coordinator,
     DefaultScope,
     SingleProcess,
-    cluster_from_tf_config,
     missing_worker,
     translate_engine_errors,
 )
+from ft.strategies.cluster_env import ClusterSpec, cluster_from_tf_config
 
 __all__ = [
     "DEFAULT_TIMEOUT",

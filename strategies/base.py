@@ -10,12 +10,10 @@ import collections
 import contextlib
 import copy
 import itertools
-import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from ft import errors
 
@@ -305,75 +303,6 @@ class DefaultScope:
 
     def scope(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    """This process's place in a cluster, from `TF_CONFIG` or another environment.
-
-    A `chief` task, when present, is process 0 and the workers follow it; an
-    `evaluator` takes no part in training. `strategies.cluster_env` parses the
-    other environments (Kubeflow, Keras, SLURM, GKE TPU).
-    """
-
-    # host:port of each training process in process-index order (TensorFlow's
-    # servers); empty where the environment names only the JAX coordinator.
-    addresses: tuple[str, ...]
-    task_type: str
-    task_index: int
-    process_index: int
-    source: str = "TF_CONFIG"  # the environment it was read from
-    process_count: int = 0  # where `addresses` is empty
-    coordinator: str = ""  # JAX's coordinator; defaults to the first address
-    jax_detects: bool = False  # jax.distributed.initialize() finds it by itself
-
-    @property
-    def num_processes(self) -> int:
-        return len(self.addresses) or self.process_count
-
-    @property
-    def coordinator_address(self) -> str:
-        return self.coordinator or self.addresses[0]
-
-
-def cluster_from_tf_config(environ: dict[str, str] | None = None) -> ClusterSpec | None:
-    """Parse `TF_CONFIG`; None when it is unset or describes a single task."""
-    raw = (environ if environ is not None else os.environ).get("TF_CONFIG", "").strip()
-    if not raw:
-        return None
-    try:
-        config: Any = json.loads(raw)
-        cluster = config.get("cluster", {})
-        task = config.get("task", {})
-        task_type, task_index = str(task["type"]), int(task["index"])
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise errors.UnsupportedConfigurationError(
-            f"TF_CONFIG is not valid: {e!r}. Received: TF_CONFIG={raw[:200]!r}. Expected JSON "
-            'like {"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", '
-            '"index": 0}}.'
-        ) from None
-    if cluster.get("ps"):
-        raise errors.UnsupportedConfigurationError(
-            "TF_CONFIG describes a parameter-server cluster (a `ps` job); ft supports "
-            "synchronous data-parallel training (`chief` and `worker` jobs) only."
-        )
-    addresses = tuple(cluster.get("chief", [])) + tuple(cluster.get("worker", []))
-    if task_type == "evaluator" or len(addresses) <= 1:
-        return None
-    if task_type == "chief":
-        process_index = task_index
-    elif task_type == "worker":
-        process_index = len(cluster.get("chief", [])) + task_index
-    else:
-        raise errors.UnsupportedConfigurationError(
-            f"TF_CONFIG task type {task_type!r} is not supported. Expected 'chief', 'worker' "
-            "or 'evaluator'."
-        )
-    if not 0 <= process_index < len(addresses):
-        raise errors.UnsupportedConfigurationError(
-            f"TF_CONFIG task index {task_index} is out of range for the {task_type} job."
-        )
-    return ClusterSpec(addresses, task_type, task_index, process_index)
 
 
 @contextlib.contextmanager

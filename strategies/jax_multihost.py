@@ -12,7 +12,8 @@ import os
 from typing import Any
 
 from ft import errors
-from ft.strategies.base import ClusterSpec, KeyValueCoordinator
+from ft.strategies.base import KeyValueCoordinator
+from ft.strategies.cluster_env import ClusterSpec
 
 logger = logging.getLogger("ft")
 

@@ -11,7 +11,8 @@ import logging
 from typing import Any
 
 from ft import errors
-from ft.strategies.base import DEFAULT_TIMEOUT, ClusterSpec, KeyValueCoordinator
+from ft.strategies.base import DEFAULT_TIMEOUT, KeyValueCoordinator
+from ft.strategies.cluster_env import ClusterSpec
 
 logger = logging.getLogger("ft")
 
