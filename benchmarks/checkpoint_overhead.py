@@ -32,7 +32,10 @@ memcpy, write + fsync, cold read. Restore time (the callback's `on_train_begin`
 inside `fit`) is compared with a cold read of the backup's files (cold when the
 kernel lets us drop the page cache); ft's first restore in the process (always
 the first restore sample) is shown apart: on the H200 it paid a one-time cost
-that later ones did not.
+that later ones did not. Beside it, the time a new process takes to write the
+first byte of every page of as much new memory as the state: a resume lands
+its bytes in memory the process has not used, which the cold read (one reused
+buffer) does not.
 
 `--mode gpu` runs the JAX backend on the accelerator (sizes up to 300M);
 `--mode cpu` pins JAX to the CPU. Results: `<out>/benchmark-<mode>.json` and
@@ -145,19 +148,21 @@ def tables(results: list[dict[str, Any]]) -> str:
         "",
         "| backend | model | ft restore | cold read of its files | ft / cold read "
         "| ft's first restore in its process (/ its cold read) "
+        "| a new process's first write to as much new memory "
         "| keras B&R restore | its cold read | page cache dropped |",
-        "|" + "---|" * 9,
+        "|" + "---|" * 10,
     ]
     for res in results:
         rs = res.get("restore")
         if rs is None:  # a run cut short before its restores were measured
-            lines.append(f"| {res['backend']} | {res['size']} | not measured |" + " - |" * 6)
+            lines.append(f"| {res['backend']} | {res['size']} | not measured |" + " - |" * 7)
             continue
         ft_restore, ft_cold = _med(rs["ft_restore"]), _med(rs["ft_cold_read"])
         lines.append(
             f"| {res['backend']} | {res['size']} | {_f(ft_restore)} | {_f(ft_cold)} "
             f"| {_ratio(ft_restore, ft_cold)} "
             f"| {_f(rs['ft_restore'][0])} ({_ratio(rs['ft_restore'][0], rs['ft_cold_read'][0])}) "
+            f"| {_f((rs.get('fresh_memory') or [None])[0])} "
             f"| {_f(_med(rs['keras_backup_and_restore_restore']))} "
             f"| {_f(_med(rs['keras_backup_and_restore_cold_read']))} "
             f"| {'yes' if rs['cache_dropped'][0] else 'no (not root)'} |"

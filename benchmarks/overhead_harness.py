@@ -18,6 +18,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -336,6 +338,21 @@ def limits(model: Any, work: Path) -> dict[str, float | None]:
     return out
 
 
+def fresh_memory(nbytes: int) -> float:
+    """Seconds a new process takes to write the first byte of every page of
+    `nbytes` of new memory: what landing a restore's bytes costs a resuming
+    process beyond reading them. Not the cold read's (it reads into one reused
+    buffer). On a virtual machine that hands back freed memory to its host this
+    varies by 10 x or more from run to run (docs/benchmark.md)."""
+    code = (
+        "import time, numpy as np; t = time.perf_counter(); "
+        f"a = np.empty({int(nbytes)}, np.uint8); a[::4096] = 1; "
+        "print(time.perf_counter() - t)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip())
+
+
 def cold_read(directory: Path) -> float:
     drop_caches()
     start = time.perf_counter()
@@ -543,6 +560,9 @@ def restore(model: Any, fit: Any, work: Path, samples: int) -> dict[str, list[fl
 
     out: dict[str, list[float]] = {}
     for r in range(samples):
+        if r == 0:
+            nbytes = sum(_host_view_nbytes(v) for v in _state(model))
+            out["fresh_memory"] = [fresh_memory(nbytes)]
         names = ["ft", "keras_backup_and_restore"]
         for name in names[r % 2 :] + names[: r % 2]:
             d = work / f"restore-{name}-{r}"
