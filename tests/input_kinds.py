@@ -2,7 +2,8 @@
 
     KERAS_BACKEND=tensorflow python tests/input_kinds.py --out DIR [KIND[@POINT] ...]
 
-For each kind: an uninterrupted run of 3 epochs of 10 batches; a run with
+For each kind: an uninterrupted run of 3 epochs of 10 batches (once per kind and
+process); a run with
 `ft.BackupAndRestore(save_freq=4)` that raises after global batch 15 (the last
 backup is step 12: epoch 1, batch 2), or with `@epoch-end`, `save_freq=5` and a
 raise after batch 14 (the last backup is step 10, the end of epoch 0), or with
@@ -242,12 +243,23 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+_references: dict[str, keras.Model] = {}
+
+
+def _reference(kind: str, directory: str) -> keras.Model:
+    """The uninterrupted run of `kind`, once per process: every interruption point
+    of a kind compares with the same run (seeded by `make_model`)."""
+    if kind not in _references:
+        _references[kind] = fit(kind, directory, [])
+    return _references[kind]
+
+
 def run(spec: str, out: str) -> None:
     kind, _, point = spec.partition("@")
     save_freq, crash_at = POINTS[point or "mid-epoch"]
     directory = tempfile.mkdtemp(prefix=f"ft-{kind}-")
     backup = os.path.join(directory, "backup")
-    reference = fit(kind, directory, [])
+    reference = _reference(kind, directory)
     try:
         fit(kind, directory, [ft.BackupAndRestore(backup, save_freq=save_freq), Count(crash_at)])
     except RuntimeError as e:

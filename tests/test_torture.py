@@ -20,7 +20,7 @@ def test_short_torture_run_restores_every_time_and_ends_exact(tmp_path) -> None:
             sys.executable,
             "benchmarks/torture.py",
             "--kills",
-            "3",
+            "2",
             "--backend",
             "jax",
             "--max-delay",
@@ -37,7 +37,7 @@ def test_short_torture_run_restores_every_time_and_ends_exact(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # How many kills land, and whether each lands after a commit, depends on timing
     # on a busy machine; what is guaranteed is that none of them loses the run.
-    assert 1 <= result["kills"] <= 3 and result["restarts"] >= 1, result
+    assert 1 <= result["kills"] <= 2 and result["restarts"] >= 1, result
     assert result["restores"] <= result["restarts"], result
     assert result["failed_restores"] == 0
     assert result["final_weights_identical"] is True
