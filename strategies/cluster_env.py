@@ -64,7 +64,7 @@ class ClusterSpec:
         return self.coordinator or self.addresses[0]
 
 
-def cluster_from_tf_config(environ: dict[str, str] | None = None) -> ClusterSpec | None:
+def cluster_from_tf_config(environ: Mapping[str, str] | None = None) -> ClusterSpec | None:
     """Parse `TF_CONFIG`; None when it is unset or describes a single task."""
     raw = (environ if environ is not None else os.environ).get("TF_CONFIG", "").strip()
     if not raw:
@@ -353,13 +353,9 @@ def from_gke_tpu(env: Mapping[str, str]) -> ClusterSpec | None:
     return ClusterSpec(addresses, "worker", index, index, source=environment, jax_detects=True)
 
 
-def _from_tf_config(env: Mapping[str, str]) -> ClusterSpec | None:
-    return cluster_from_tf_config(dict(env))
-
-
 # In order of precedence.
 PARSERS: tuple[tuple[str, Callable[[Mapping[str, str]], ClusterSpec | None]], ...] = (
-    ("TF_CONFIG", _from_tf_config),
+    ("TF_CONFIG", cluster_from_tf_config),
     ("Kubeflow JAXJob", from_kubeflow_jaxjob),
     ("Kubeflow Trainer", from_kubeflow_trainer),
     ("Keras", from_keras),
