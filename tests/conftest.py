@@ -55,11 +55,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def references(tmp_path_factory: pytest.TempPathFactory):
-    """`references(backend, *scenario_args)`: an uninterrupted 2-worker run's weights,
-    shared by every test of this session that asks for the same one."""
+    """`references(backend, *scenario_args)`: an uninterrupted 2-worker run's weights;
+    `references.single(backend, *scenario_args)`: a single-process run's output file.
+    Each made once per session and shared by every test (and every xdist worker)
+    that asks for the same one."""
     from tests.helpers import References
 
-    return References(tmp_path_factory)
+    base = tmp_path_factory.getbasetemp()
+    # Under xdist every worker's base is a folder of the session's own.
+    directory = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "references"
+    directory.mkdir(exist_ok=True)
+    return References(directory)
 
 
 @pytest.fixture(params=BACKENDS)

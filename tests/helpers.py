@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,23 +94,75 @@ def job(
 
 
 class References:
-    """Uninterrupted 2-worker runs of the scenario, run once per backend and options."""
+    """Uninterrupted runs of the scenario, each run once per test session.
 
-    def __init__(self, tmp_path_factory: Any) -> None:
-        self._factory = tmp_path_factory
+    Once for every pytest-xdist worker of the session, not once per worker:
+    the first worker that asks for a run makes it in `directory` (shared by
+    the workers) under a file lock; the others wait for it, at most
+    `_REFERENCE_WAIT` seconds, and read what it wrote.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
         self._weights: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
 
     def __call__(self, backend: str, *extra: str) -> dict[str, np.ndarray]:
-        """Worker 0's final weights (worker 1's are checked to be the same)."""
-        key = (backend, *extra)
+        """A 2-worker job's final weights, worker 0's (worker 1's are checked to be the same)."""
+        key = ("job", backend, *extra)
         if key not in self._weights:
-            out = self._factory.mktemp("reference")
-            result = job(backend, out / "w{index}.npz", "--no-backup", *extra)
-            assert result.exit_code == 0, result.tail()
-            ref0, ref1 = weights(out / "w0.npz"), weights(out / "w1.npz")
-            assert_same_weights(ref0, ref1)  # the replicas agree in an uninterrupted run
-            self._weights[key] = ref0
+
+            def make(out: Path) -> None:
+                result = job(backend, out / "w{index}.npz", "--no-backup", *extra)
+                assert result.exit_code == 0, result.tail()
+                # The replicas agree in an uninterrupted run.
+                assert_same_weights(weights(out / "w0.npz"), weights(out / "w1.npz"))
+
+            self._weights[key] = weights(self._once(key, make) / "w0.npz")
         return self._weights[key]
+
+    def single(self, backend: str, *extra: str) -> Path:
+        """The file a single-process run wrote (its weights; its report beside it)."""
+
+        def make(out: Path) -> None:
+            run_scenario(backend, out / "run.npz", "--no-backup", *extra)
+
+        return self._once(("single", backend, *extra), make) / "run.npz"
+
+    def _once(self, key: tuple[str, ...], make: Callable[[Path], None]) -> Path:
+        """The directory `make` filled for `key`, made by the first worker that asks."""
+        name = hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
+        out = self._directory / name
+        with _locked(self._directory / f"{name}.lock", _REFERENCE_WAIT):
+            if not (out / _MADE).exists():
+                shutil.rmtree(out, ignore_errors=True)  # a worker's failed try
+                out.mkdir()
+                make(out)
+                (out / _MADE).touch()
+        return out
+
+
+# A reference run takes under a minute; another worker waits at most this for one.
+_REFERENCE_WAIT = 900.0
+_MADE = "made"
+
+
+@contextlib.contextmanager
+def _locked(path: Path, timeout: float) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path`; TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    with open(path, "a") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path} still held after {timeout:.0f} s") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def kill_peer_and_time_survivor(

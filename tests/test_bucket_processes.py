@@ -29,17 +29,6 @@ from tests.test_bucket_store import objects
 
 pytestmark = pytest.mark.slow
 
-_references: dict[str, dict] = {}
-
-
-def reference(backend: str, tmp_path: Path) -> dict:
-    """The uninterrupted single-process run's weights, once per backend."""
-    if backend not in _references:
-        out = tmp_path / f"reference-{backend}.npz"
-        run_scenario(backend, out, "--no-backup")
-        _references[backend] = weights(out)
-    return _references[backend]
-
 
 @pytest.fixture
 def same_job(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,9 +40,9 @@ def same_job(monkeypatch: pytest.MonkeyPatch) -> None:
     ("backend", "bucket"), [("tensorflow", "s3"), ("jax", "gs")], indirect=["bucket"]
 )
 def test_sigkill_mid_epoch_resumes_exactly_from_the_bucket(
-    backend: str, bucket, same_job: None, tmp_path: Path
+    backend: str, bucket, same_job: None, tmp_path: Path, references: helpers.References
 ) -> None:
-    ref = reference(backend, tmp_path)
+    ref = weights(references.single(backend))
     common = ("--backup-dir", bucket.url, "--save-freq", "5")
     killed = run_scenario(
         backend, tmp_path / "k.npz", *common, "--kill-at-step", "17", expect_rc=-signal.SIGKILL
@@ -76,9 +65,9 @@ def test_sigkill_mid_epoch_resumes_exactly_from_the_bucket(
     ("backend", "bucket"), [("jax", "s3"), ("tensorflow", "gs")], indirect=["bucket"]
 )
 def test_sigkill_inside_a_save_keeps_the_previous_backup(
-    backend: str, bucket, same_job: None, tmp_path: Path
+    backend: str, bucket, same_job: None, tmp_path: Path, references: helpers.References
 ) -> None:
-    ref = reference(backend, tmp_path)
+    ref = weights(references.single(backend))
     common = ("--backup-dir", bucket.url, "--save-freq", "4")
     # Dies in the 3rd save (step 12), after every array was written, before the marker.
     run_scenario(backend, tmp_path / "k.npz", *common, "--kill-during-save", "3", expect_rc=-9)

@@ -15,6 +15,8 @@ import pytest
 
 import ft
 from ft import errors, inspection
+from ft.store import bucket_removal
+from ft.store.bucket import BucketStore
 from ft.store.bucket_lease import Lease
 from ft.store.bucket_paths import BucketURL, filesystem
 
@@ -107,6 +109,8 @@ def test_interrupted_fit_resumes_exactly_from_the_bucket(bucket) -> None:
     assert len(history.history["loss"]) == 2
     for a, b in zip(values(reference), values(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
+    assert not any(k.endswith("/ft-commit.json") for k in objects(bucket.url)), "uncommitted"
+    assert bucket_removal.wait(60), "the objects are removed in the background"
     assert objects(bucket.url) == {}, "delete_checkpoint removes every object ft wrote"
 
 
@@ -148,6 +152,7 @@ def test_backup_without_its_marker_is_ignored_and_removed(bucket) -> None:
     callback = ft.BackupAndRestore(bucket.url)
     fit(make_model(), [callback])
     assert callback.restored is None, "an uncommitted backup is never restored"
+    assert bucket_removal.wait(60)
     assert objects(bucket.url) == {"notes.txt": len(b"the user's own")}
 
 
@@ -162,6 +167,38 @@ def test_delete_checkpoint_false_keeps_one_committed_backup(bucket) -> None:
     report = inspection.describe(bucket.url)
     assert report["backups"][0]["step"] == 16 and report["backups"][0]["intact"]
     assert report["live_run"] is None
+
+
+def test_fit_returns_before_the_objects_are_removed_and_a_second_fit_waits_for_them(
+    bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The objects of a finished fit are removed on a thread of its own, slowed
+    # here: fit returns with every marker gone (nothing is committed any more)
+    # while they are still there, and the lease is held until they are gone.
+    # A second fit in the same process on the same backup_dir waits for that
+    # removal before it takes the lease, so it never writes where it deletes.
+    real_remove = BucketStore._remove
+
+    def slow_remove(self: BucketStore, name: str) -> None:
+        time.sleep(1.5)
+        real_remove(self, name)
+
+    monkeypatch.setattr(BucketStore, "_remove", slow_remove)
+    fit(make_model(), [ft.BackupAndRestore(bucket.url, save_freq=3)])
+    left = objects(bucket.url)
+    assert any(k.startswith("ft-step-") for k in left), "fit did not wait for the removal"
+    assert not any(k.endswith("/ft-commit.json") for k in left), "nothing is committed"
+    assert any(k.startswith(".ft-lease-") for k in left), "the lease is held while removing"
+    assert inspection.describe(bucket.url)["backups"] == []
+
+    callback = ft.BackupAndRestore(bucket.url, save_freq=3, delete_checkpoint=False)
+    fit(make_model(), [callback])
+    assert callback.restored is None
+    assert bucket_removal.wait(60)
+    keys = objects(bucket.url)
+    assert "ft-step-0000000016/ft-commit.json" in keys, keys
+    assert not any(k.startswith(".ft-lease-") for k in keys), "the lease is released"
+    assert inspection.main([bucket.url]) == inspection.EXIT_INTACT
 
 
 def test_crashed_runs_lease_expires_and_is_taken_over(bucket) -> None:

@@ -143,9 +143,10 @@ def test_every_process_writes_its_own_shards(tmp_path: Path) -> None:
     assert '"num_processes": 2' in (committed / "ft-backup.json").read_text()
 
 
-def test_two_process_backup_resumes_in_one_process(tmp_path: Path) -> None:
-    single = tmp_path / "single.npz"
-    run_scenario("jax", single, "--no-backup")
+def test_two_process_backup_resumes_in_one_process(
+    tmp_path: Path, references: helpers.References
+) -> None:
+    single = references.single("jax")
     backup = tmp_path / "b"
     result = job(
         tmp_path / "k{index}.npz",
@@ -159,9 +160,10 @@ def test_two_process_backup_resumes_in_one_process(tmp_path: Path) -> None:
     assert_close_weights(weights(single), weights(out))
 
 
-def test_one_process_backup_resumes_in_two_processes(tmp_path: Path) -> None:
-    single = tmp_path / "single.npz"
-    run_scenario("jax", single, "--no-backup")
+def test_one_process_backup_resumes_in_two_processes(
+    tmp_path: Path, references: helpers.References
+) -> None:
+    single = references.single("jax")
     backup = tmp_path / "b"
     run_scenario(
         "jax",

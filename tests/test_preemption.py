@@ -88,10 +88,9 @@ def test_a_failed_agreement_is_an_error_not_silence() -> None:
 
 
 def test_one_process_sigterm_saves_exits_42_and_resumes_exactly(
-    backend: str, tmp_path: Path
+    backend: str, tmp_path: Path, references: helpers.References
 ) -> None:
-    ref = tmp_path / "ref.npz"
-    run_scenario(backend, ref, "--no-backup")
+    ref = references.single(backend)
     backup = tmp_path / "b"
     proc = run_scenario(
         backend,
@@ -153,9 +152,10 @@ def test_sigterm_to_one_worker_saves_same_step_on_all_even_if_one_learns_late(
     )
 
 
-def test_launcher_forwards_sigterm_exits_42_and_relaunch_resumes(tmp_path: Path) -> None:
-    ref = tmp_path / "ref.npz"
-    run_scenario("jax", ref, "--no-backup")
+def test_launcher_forwards_sigterm_exits_42_and_relaunch_resumes(
+    tmp_path: Path, references: helpers.References
+) -> None:
+    ref = references.single("jax")
     args = [
         sys.executable,
         "-m",

@@ -17,6 +17,7 @@ import pytest
 
 from tests.helpers import (
     SCENARIO,
+    References,
     assert_same_weights,
     engine_env,
     report,
@@ -27,19 +28,13 @@ from tests.helpers import (
 pytestmark = pytest.mark.slow
 
 
-def _reference(backend: str, tmp_path: Path, *args: str) -> Path:
-    out = tmp_path / "reference.npz"
-    run_scenario(backend, out, "--no-backup", *args)
-    return out
-
-
 # Unshuffled numpy is what fit's shuffle leaves out; every input kind resumes exactly
 # after an exception in tests/test_input_kinds.py.
 @pytest.mark.parametrize("data", ["numpy-shuffle", "tfdata"])
 def test_sigkill_mid_epoch_resumes_at_same_batch_with_same_weights(
-    backend: str, data: str, tmp_path: Path
+    backend: str, data: str, tmp_path: Path, references: References
 ) -> None:
-    ref = _reference(backend, tmp_path, "--input", data)
+    ref = references.single(backend, "--input", data)
     backup = str(tmp_path / "backup")
     common = ("--input", data, "--backup-dir", backup, "--save-freq", "5")
     killed = run_scenario(
@@ -62,8 +57,10 @@ def test_sigkill_mid_epoch_resumes_at_same_batch_with_same_weights(
     assert not rep["backup_dir_exists"], "the backup is deleted when fit completes"
 
 
-def test_steps_per_epoch_iterator_kept_across_epochs(backend: str, tmp_path: Path) -> None:
-    ref = _reference(backend, tmp_path, "--input", "steps")
+def test_steps_per_epoch_iterator_kept_across_epochs(
+    backend: str, tmp_path: Path, references: References
+) -> None:
+    ref = references.single(backend, "--input", "steps")
     backup = str(tmp_path / "backup")
     common = ("--input", "steps", "--backup-dir", backup, "--save-freq", "4")
     run_scenario(backend, tmp_path / "k.npz", *common, "--kill-at-step", "10", expect_rc=-9)
@@ -73,8 +70,10 @@ def test_steps_per_epoch_iterator_kept_across_epochs(backend: str, tmp_path: Pat
     assert_same_weights(weights(ref), weights(out))
 
 
-def test_sigkill_inside_a_save_keeps_the_previous_backup(backend: str, tmp_path: Path) -> None:
-    ref = _reference(backend, tmp_path)
+def test_sigkill_inside_a_save_keeps_the_previous_backup(
+    backend: str, tmp_path: Path, references: References
+) -> None:
+    ref = references.single(backend)
     backup = tmp_path / "backup"
     common = ("--backup-dir", str(backup), "--save-freq", "4")
     # Dies in the 3rd save (step 12), after Orbax wrote the arrays, before the commit.
@@ -88,12 +87,14 @@ def test_sigkill_inside_a_save_keeps_the_previous_backup(backend: str, tmp_path:
     assert_same_weights(weights(ref), weights(out))
 
 
-def test_random_sigkills_while_saving_every_batch(backend: str, tmp_path: Path) -> None:
+def test_random_sigkills_while_saving_every_batch(
+    backend: str, tmp_path: Path, references: References
+) -> None:
     """SIGKILL at random moments (mid-save included) with saves committed in the
     background; the last run ends exact."""
     seed = int(os.environ.get("FT_TORTURE_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
-    ref = _reference(backend, tmp_path)
+    ref = references.single(backend)
     backup = str(tmp_path / "backup")
     total, done, kills = 36, 0, 0
     while kills < 4 and done < total - 4:
