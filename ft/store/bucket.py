@@ -38,7 +38,7 @@ import numpy as np
 from ft import errors
 from ft.log import get_logger
 from ft.metadata import BackupRecord
-from ft.store import bucket_arrays, bucket_lease, bucket_record
+from ft.store import bucket_arrays, bucket_lease, bucket_record, bucket_removal
 from ft.store.base import ReadAll, has_older, newest_intact
 from ft.store.bucket_lease import PREFIX as LEASE_PREFIX
 from ft.store.bucket_lease import Lease
@@ -115,15 +115,21 @@ class BucketStore:
 
     def _remove(self, name: str) -> None:
         """Delete backup `name`: its marker first, so it is never half-committed."""
-        marker = self.location.fs_path(name, MARKER)
-        try:
-            self.fs.rm_file(marker)
-        except FileNotFoundError:
-            pass
+        self._remove_marker(name)
         root = self.location.fs_path(name)
         self.fs.invalidate_cache(root)
         try:
             self.fs.rm(root, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def _remove_marker(self, name: str) -> None:
+        """Delete backup `name`'s commit marker: from then on it is not committed."""
+        self._remove_object(self.location.fs_path(name, MARKER))
+
+    def _remove_object(self, path: str) -> None:
+        try:
+            self.fs.rm_file(path)
         except FileNotFoundError:
             pass
 
@@ -160,14 +166,23 @@ class BucketStore:
         """Hold the lease of `backup_dir` (`bucket_lease`). Primary process only.
 
         Waits at most `timeout` s (by default twice the lease's lifetime) for
-        a lease that looks live to expire or be renewed.
+        this process's deletion of an earlier fit's backups there to end
+        (`bucket_removal`), then as long for a lease that looks live to expire
+        or be renewed.
 
         Raises:
             BackupDirInUseError: when another live run holds it.
         """
+        wait = 2 * bucket_lease.TTL_SECONDS if timeout is None else timeout
+        if not bucket_removal.wait_for(self.directory, wait):
+            raise errors.BackupDirInUseError(
+                f"backup_dir {self.directory}: the backups of an earlier fit of this process "
+                f"were still being deleted after {wait:.0f} s (the object store is slow or "
+                "unreachable). Try again later, or give this run another backup_dir."
+            )
         if self._lease is None:
             self._lease = bucket_lease.for_location(self.fs, self.location)
-        self._lease.acquire(2 * bucket_lease.TTL_SECONDS if timeout is None else timeout)
+        self._lease.acquire(wait)
 
     def unlock(self) -> None:
         """Give up the lease. Primary process only."""
@@ -294,17 +309,36 @@ class BucketStore:
     def delete(self) -> None:
         """Remove every object ft wrote, never the user's own. Primary process only.
 
-        This includes backups set aside as damaged: the run that owned them completed.
+        This includes backups set aside as damaged: the run that owned them
+        completed. Every commit marker is deleted before this returns, so
+        nothing here counts as a backup any more; the objects, and after them
+        the lease, are removed on a thread of its own (`bucket_removal`).
         """
-        for name in self._names():
-            if _COMMITTED.match(name):
-                self._remove(name)
-            elif name.startswith(PROBE_PREFIX):
+        names = self._names()
+        doomed = [name for name in names if _COMMITTED.match(name)]
+        for name in doomed:
+            self._remove_marker(name)
+        for name in names:
+            if name.startswith(PROBE_PREFIX):
                 self.fs.rm_file(self.location.fs_path(name))
-        self.unlock()
-        for name in self._names():
-            if name.startswith(LEASE_PREFIX):
-                self.fs.rm_file(self.location.fs_path(name))
+        lease, self._lease = self._lease, None
+        held = lease.number if lease is not None else None
+        leases = [n for n in names if n.startswith(LEASE_PREFIX)]
+
+        def remove() -> None:
+            try:
+                for name in doomed:
+                    self._remove(name)
+            finally:
+                if lease is not None:
+                    lease.release()
+                # Leftover leases of earlier runs, never one taken after ours.
+                for name in leases:
+                    number = name[len(LEASE_PREFIX) :]
+                    if held is None or (number.isdigit() and int(number) <= held):
+                        self._remove_object(self.location.fs_path(name))
+
+        bucket_removal.start(self.directory, remove)
 
     # ----------------------------------------------------------------- readers
     def committed(self) -> list[str]:
