@@ -24,14 +24,23 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "tests" / "scenario.py"
 
 
-def engine_env(backend: str, **extra: str) -> dict[str, str]:
+# On the path of the processes that run ft's own test scripts: hides scikit-learn,
+# which Keras imports (for `keras.wrappers`) where it is installed and none of
+# those scripts uses (tests/no_sklearn/sklearn/__init__.py).
+NO_SKLEARN = ROOT / "tests" / "no_sklearn"
+
+
+def engine_env(backend: str, sklearn: bool = False, **extra: str) -> dict[str, str]:
+    """This process's environment for a test process on `backend`; without `sklearn`,
+    scikit-learn is hidden from it (`NO_SKLEARN`)."""
     env = dict(os.environ)
+    path = [str(ROOT)] if sklearn else [str(NO_SKLEARN), str(ROOT)]
     env.update(
         KERAS_BACKEND=backend,
         JAX_PLATFORMS="cpu",
         CUDA_VISIBLE_DEVICES="",
         TF_CPP_MIN_LOG_LEVEL="2",
-        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        PYTHONPATH=os.pathsep.join([*path, env.get("PYTHONPATH", "")]),
     )
     env.update(extra)
     return env
@@ -89,6 +98,7 @@ def job(
         max_restarts=max_restarts,
         grace_period=grace_period,
         timeout=timeout,
+        env={"PYTHONPATH": os.pathsep.join([str(NO_SKLEARN), os.environ.get("PYTHONPATH", "")])},
         directory=out.parent / f"job-{time.monotonic_ns()}",
     )
 

@@ -32,7 +32,7 @@ sys.meta_path[:] = [
 def run(
     backend: str, *args: str, unset: tuple[str, ...] = (), **env: str
 ) -> subprocess.CompletedProcess[str]:
-    environ = engine_env(backend, **env)
+    environ = engine_env(backend, sklearn=True, **env)  # the examples run as a user runs them
     for name in unset:
         environ.pop(name, None)
     proc = subprocess.run(
@@ -62,7 +62,7 @@ def test_readme_first_command_installs_jax_only_and_runs_the_resume_demo() -> No
 
 def test_resume_demo_without_tensorflow(tmp_path: Path) -> None:
     (tmp_path / "sitecustomize.py").write_text(NO_TENSORFLOW)
-    env = engine_env("jax")
+    env = engine_env("jax", sklearn=True)
     proc = run(
         "jax",
         "multiworker_examples/resume_demo.py",
