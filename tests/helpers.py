@@ -151,8 +151,9 @@ class References:
         return out
 
 
-# A reference run takes under a minute; another worker waits at most this for one.
-_REFERENCE_WAIT = 900.0
+# A reference run takes under a minute (a job is stopped after 300 s); another
+# worker waits at most this for one.
+_REFERENCE_WAIT = 400.0
 _MADE = "made"
 
 
