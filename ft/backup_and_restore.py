@@ -221,13 +221,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._coordinator.num_processes > 1:
             fit_loop.guard_train_function(model, self._coordinator)
         if self.save_before_preemption:
-            self._preemption = preemption.PreemptionWatch(
-                self._coordinator,
-                "preempt",
-                self.timeout,
-                stride=getattr(model, "steps_per_execution", 1) or 1,
+            stride = getattr(model, "steps_per_execution", 1)
+            self._preemption = preemption.watch(
+                self._coordinator, self.timeout, stride, self._schedule.step
             )
-            self._preemption.install(self._schedule.step)
         how = report.how_saved(
             self.async_save,
             strategies.every_process_writes(self._coordinator),
@@ -327,12 +324,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         seconds = time.monotonic() - self._fit_start
         logger.info(report.end_message(self.stats, seconds, writer, kept))
         if self._preempted:
-            logger.info(
-                "preempted: saved at step %d; exiting with code %d (restart me)",
-                schedule.step,
-                preemption.PREEMPTED_EXIT_CODE,
-            )
-            sys.exit(preemption.PREEMPTED_EXIT_CODE)
+            preemption.exit_preempted(schedule.step)
 
     def _undo_fit_hooks(self) -> None:
         """Undo what on_train_begin installed for this fit; runs once, by any exit path."""

@@ -31,9 +31,10 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from ft import errors
 
@@ -45,6 +46,22 @@ PREEMPTED_EXIT_CODE = 42
 SIGTERM_FILE_ENV = "FT_SIGTERM_FILE"
 # How often a listener looks for the local signal while it waits for a peer's.
 _POLL_SECONDS = 0.2
+
+
+def watch(coordinator: Any, timeout: float, steps_per_execution: int, step: int) -> PreemptionWatch:
+    """A `PreemptionWatch` for one `fit`, installed at global step `step`. Every process,
+    at train begin."""
+    preemption = PreemptionWatch(coordinator, "preempt", timeout, stride=steps_per_execution or 1)
+    preemption.install(step)
+    return preemption
+
+
+def exit_preempted(step: int) -> NoReturn:
+    """Leave the process with `PREEMPTED_EXIT_CODE` once `fit` saved at `step` and ended."""
+    logger.info(
+        "preempted: saved at step %d; exiting with code %d (restart me)", step, PREEMPTED_EXIT_CODE
+    )
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 class PreemptionWatch:
