@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -16,7 +17,6 @@ import pytest
 import ft
 from ft import errors, inspection
 from ft.store import bucket_removal
-from ft.store.bucket import BucketStore
 from ft.store.bucket_lease import Lease
 from ft.store.bucket_paths import BucketURL, filesystem
 
@@ -177,21 +177,24 @@ def test_fit_returns_before_the_objects_are_removed_and_a_second_fit_waits_for_t
     # while they are still there, and the lease is held until they are gone.
     # A second fit in the same process on the same backup_dir waits for that
     # removal before it takes the lease, so it never writes where it deletes.
-    real_remove = BucketStore._remove
+    real_start = bucket_removal.start
 
-    def slow_remove(self: BucketStore, name: str) -> None:
-        time.sleep(1.5)
-        real_remove(self, name)
+    def slow_start(url: str, remove: Callable[[], None]) -> None:
+        def slow() -> None:
+            time.sleep(1.5)
+            remove()
 
-    monkeypatch.setattr(BucketStore, "_remove", slow_remove)
-    fit(make_model(), [ft.BackupAndRestore(bucket.url, save_freq=3)])
+        real_start(url, slow)
+
+    monkeypatch.setattr(bucket_removal, "start", slow_start)
+    fit(make_model(), [ft.BackupAndRestore(bucket.url)])
     left = objects(bucket.url)
     assert any(k.startswith("ft-step-") for k in left), "fit did not wait for the removal"
     assert not any(k.endswith("/ft-commit.json") for k in left), "nothing is committed"
     assert any(k.startswith(".ft-lease-") for k in left), "the lease is held while removing"
     assert inspection.describe(bucket.url)["backups"] == []
 
-    callback = ft.BackupAndRestore(bucket.url, save_freq=3, delete_checkpoint=False)
+    callback = ft.BackupAndRestore(bucket.url, delete_checkpoint=False)
     fit(make_model(), [callback])
     assert callback.restored is None
     assert bucket_removal.wait(60)
