@@ -377,7 +377,7 @@ def run(
     import keras
 
     import ft
-    from ft.store import posix_removal
+    from ft.store import background_removal
 
     warm_up(Path(tempfile.mkdtemp(prefix="ft-bench-warm-", dir=os.environ.get("FT_BENCH_DIR"))))
     width, layers = SIZES[size]
@@ -410,7 +410,7 @@ def run(
         peaks.append(peak.peak - peak.start)
         # ft removes deleted backups on a thread of its own: not in this fit's
         # time, nor in the next one's.
-        posix_removal.wait(600)
+        background_removal.wait(600)
         return elapsed
 
     step_seconds = fit(20, []) / 20

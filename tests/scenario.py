@@ -340,11 +340,11 @@ def _exists(backup_dir: str) -> bool:
     """Whether anything is left in `backup_dir`, a path or a bucket URL."""
     if "://" not in backup_dir:
         return os.path.exists(backup_dir)
-    from ft.store import bucket_removal
+    from ft.store import background_removal
     from ft.store.bucket_paths import BucketURL, filesystem
 
     # fit returned with nothing committed; the objects go on a thread of their own.
-    if not bucket_removal.wait(120):
+    if not background_removal.wait(120):
         raise TimeoutError(f"the objects in {backup_dir} were not removed in 120 s")
     location = BucketURL.parse(backup_dir)
     fs = filesystem(location.scheme)

@@ -415,7 +415,7 @@ def test_delete_checkpoint_leaves_nothing_under_backup_dir_when_fit_returns(
     """The bytes go on a background thread (slowed here); the backups are gone at once."""
     import shutil
 
-    from ft.store import posix_removal
+    from ft.store import background_removal
 
     removing = threading.Event()
     release = threading.Event()
@@ -456,7 +456,7 @@ def test_delete_checkpoint_leaves_nothing_under_backup_dir_when_fit_returns(
     make_model().fit(X, Y, batch_size=4, epochs=1, callbacks=[callback], verbose=0)
     assert callback.restored is None
     release.set()
-    assert posix_removal.wait(30)
+    assert background_removal.wait(30)
     assert sorted(p.name for p in backup.parent.iterdir()) == ["b"]
     assert sorted(os.listdir(backup)) == [".ft-lock", "ft-step-0000000008"]
 

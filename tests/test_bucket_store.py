@@ -16,7 +16,7 @@ import pytest
 
 import ft
 from ft import errors, inspection
-from ft.store import bucket_removal
+from ft.store import background_removal
 from ft.store.bucket_lease import Lease
 from ft.store.bucket_paths import BucketURL, filesystem
 
@@ -110,7 +110,7 @@ def test_interrupted_fit_resumes_exactly_from_the_bucket(bucket) -> None:
     for a, b in zip(values(reference), values(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
     assert not any(k.endswith("/ft-commit.json") for k in objects(bucket.url)), "uncommitted"
-    assert bucket_removal.wait(60), "the objects are removed in the background"
+    assert background_removal.wait(60), "the objects are removed in the background"
     assert objects(bucket.url) == {}, "delete_checkpoint removes every object ft wrote"
 
 
@@ -152,7 +152,7 @@ def test_backup_without_its_marker_is_ignored_and_removed(bucket) -> None:
     callback = ft.BackupAndRestore(bucket.url)
     fit(make_model(), [callback])
     assert callback.restored is None, "an uncommitted backup is never restored"
-    assert bucket_removal.wait(60)
+    assert background_removal.wait(60)
     assert objects(bucket.url) == {"notes.txt": len(b"the user's own")}
 
 
@@ -177,7 +177,7 @@ def test_fit_returns_before_the_objects_are_removed_and_a_second_fit_waits_for_t
     # while they are still there, and the lease is held until they are gone.
     # A second fit in the same process on the same backup_dir waits for that
     # removal before it takes the lease, so it never writes where it deletes.
-    real_start = bucket_removal.start
+    real_start = background_removal.start
 
     def slow_start(url: str, remove: Callable[[], None]) -> None:
         def slow() -> None:
@@ -186,7 +186,7 @@ def test_fit_returns_before_the_objects_are_removed_and_a_second_fit_waits_for_t
 
         real_start(url, slow)
 
-    monkeypatch.setattr(bucket_removal, "start", slow_start)
+    monkeypatch.setattr(background_removal, "start", slow_start)
     fit(make_model(), [ft.BackupAndRestore(bucket.url)])
     left = objects(bucket.url)
     assert any(k.startswith("ft-step-") for k in left), "fit did not wait for the removal"
@@ -197,7 +197,7 @@ def test_fit_returns_before_the_objects_are_removed_and_a_second_fit_waits_for_t
     callback = ft.BackupAndRestore(bucket.url, delete_checkpoint=False)
     fit(make_model(), [callback])
     assert callback.restored is None
-    assert bucket_removal.wait(60)
+    assert background_removal.wait(60)
     keys = objects(bucket.url)
     assert "ft-step-0000000016/ft-commit.json" in keys, keys
     assert not any(k.startswith(".ft-lease-") for k in keys), "the lease is released"

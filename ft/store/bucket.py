@@ -38,7 +38,7 @@ import numpy as np
 from ft import errors
 from ft.log import get_logger
 from ft.metadata import BackupRecord
-from ft.store import bucket_arrays, bucket_lease, bucket_record, bucket_removal
+from ft.store import background_removal, bucket_arrays, bucket_lease, bucket_record
 from ft.store.base import ReadAll, has_older, newest_intact
 from ft.store.bucket_lease import PREFIX as LEASE_PREFIX
 from ft.store.bucket_lease import Lease
@@ -167,14 +167,14 @@ class BucketStore:
 
         Waits at most `timeout` s (by default twice the lease's lifetime) for
         this process's deletion of an earlier fit's backups there to end
-        (`bucket_removal`), then as long for a lease that looks live to expire
+        (`background_removal`), then as long for a lease that looks live to expire
         or be renewed.
 
         Raises:
             BackupDirInUseError: when another live run holds it.
         """
         wait = 2 * bucket_lease.TTL_SECONDS if timeout is None else timeout
-        if not bucket_removal.wait_for(self.directory, wait):
+        if not background_removal.wait_for(self.directory, wait):
             raise errors.BackupDirInUseError(
                 f"backup_dir {self.directory}: the backups of an earlier fit of this process "
                 f"were still being deleted after {wait:.0f} s (the object store is slow or "
@@ -312,7 +312,7 @@ class BucketStore:
         This includes backups set aside as damaged: the run that owned them
         completed. Every commit marker is deleted before this returns, so
         nothing here counts as a backup any more; the objects, and after them
-        the lease, are removed on a thread of its own (`bucket_removal`).
+        the lease, are removed on a thread of its own (`background_removal`).
         """
         names = self._names()
         doomed = [name for name in names if _COMMITTED.match(name)]
@@ -338,7 +338,7 @@ class BucketStore:
                     if held is None or (number.isdigit() and int(number) <= held):
                         self._remove_object(self.location.fs_path(name))
 
-        bucket_removal.start(self.directory, remove)
+        background_removal.start(self.directory, remove)
 
     # ----------------------------------------------------------------- readers
     def committed(self) -> list[str]:

@@ -276,9 +276,9 @@ class PosixStore:
 
         This includes backups moved aside as damaged: the run that owned
         them completed. `backup_dir` itself is removed only when nothing else
-        is left in it: it is then renamed aside at once and its bytes removed
-        on a background thread (`posix_removal`); otherwise ft's entries are
-        removed here.
+        is left in it: it is then renamed aside at once (`posix_removal`) and
+        its bytes removed on a background thread (`background_removal`);
+        otherwise ft's entries are removed here.
         """
         if not os.path.isdir(self.directory):
             return
@@ -287,7 +287,7 @@ class PosixStore:
             aside = posix_removal.move_aside(self.directory, TRASH_PREFIX)  # lock held
             if aside is not None:
                 self._lock.release()
-                posix_removal.remove_in_background([aside])
+                posix_removal.remove_in_background(aside)
                 return
         for name in names:
             if ft_owned(name):

@@ -1,13 +1,10 @@
-"""Deleting backups without making `fit` wait for the filesystem.
+"""Moving a POSIX `backup_dir` aside so that its bytes can be removed later.
 
-Primary process only. Deleting a backup of a few GB takes the kernel most of a
-second (freeing its extents and cached pages: 0.8 s for 3.8 GB on the GPU
-machine, about what Keras's own callback takes at its `fit`'s end). ft
-renames what it deletes aside at once, so that nothing of it is left under
-`backup_dir` when `fit` returns, and removes the bytes on a thread of its
-own. The interpreter waits for that thread at exit (it is not a daemon); a
-process killed before it ends leaves trash that the next run in the same
-`backup_dir` removes (`sweep_siblings`).
+Primary process only. At the end of a `fit` the POSIX store renames what it
+deletes aside at once, so that nothing of it is left under `backup_dir` when
+`fit` returns, and removes the bytes on a thread of its own
+(`background_removal`). A process killed before that thread ends leaves
+trash that the next run in the same `backup_dir` removes (`sweep_siblings`).
 """
 
 from __future__ import annotations
@@ -15,18 +12,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import threading
-import time
 import uuid
-from collections.abc import Iterable
 
-from ft.log import get_logger
-
-logger = get_logger()
-
-_lock = threading.Lock()
-_running: list[threading.Thread] = []
-_removing: set[str] = set()  # paths this process's threads are removing
+from ft.store import background_removal
 
 
 def sibling_trash_prefix(directory: str, trash_prefix: str) -> str:
@@ -60,8 +48,7 @@ def sweep_siblings(directory: str, trash_prefix: str) -> None:
         names = os.listdir(parent)
     except OSError:
         return
-    with _lock:
-        removing = set(_removing)
+    removing = background_removal.running()
     pattern = re.compile(re.escape(prefix) + r"[0-9a-f]{12}")
     for name in names:
         path = os.path.join(parent, name)
@@ -69,41 +56,7 @@ def sweep_siblings(directory: str, trash_prefix: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def remove_in_background(paths: Iterable[str]) -> None:
-    """Remove `paths` (files or trees) on a thread; the interpreter waits for it at exit."""
-    paths = [os.path.abspath(p) for p in paths]
-    if not paths:
-        return
-
-    def remove() -> None:
-        start = time.perf_counter()
-        try:
-            for path in paths:
-                shutil.rmtree(path, ignore_errors=True)
-            seconds = time.perf_counter() - start
-            logger.debug("removed %d deleted backup paths in %.3f s", len(paths), seconds)
-        finally:
-            with _lock:
-                _running.remove(thread)
-                _removing.difference_update(paths)
-
-    thread = threading.Thread(target=remove, name="ft-delete-backups", daemon=False)
-    with _lock:
-        _running.append(thread)
-        _removing.update(paths)
-    thread.start()
-
-
-def wait(timeout: float | None = None) -> bool:
-    """Wait for every removal started in this process; True when none is left."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        with _lock:
-            left = list(_running)
-        if not left:
-            return True
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        left[0].join(remaining)
-        if deadline is not None and time.monotonic() >= deadline:
-            with _lock:
-                return not _running
+def remove_in_background(path: str) -> None:
+    """Remove `path` (a tree moved aside) on a thread; the interpreter waits for it at exit."""
+    path = os.path.abspath(path)
+    background_removal.start(path, lambda: shutil.rmtree(path, ignore_errors=True))
