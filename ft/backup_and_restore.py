@@ -12,6 +12,7 @@ import keras
 import ft.strategies as strategies
 from ft import (
     arguments,
+    fit_end,
     fit_exit,
     fit_loop,
     log,
@@ -288,43 +289,22 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._fit_exit is not None:
             fit_exit_, self._fit_exit = self._fit_exit, None
             fit_exit_()
-        schedule = self._schedule
-        delete = self.delete_checkpoint and not self._preempted
-        keep = not self.delete_checkpoint and not self._preempted
-        # A save moved past the last step is made here, unless the backups are
-        # about to be deleted: then it would be written only to be removed (a
-        # crash before the deletion resumes from the last committed backup).
-        moved = schedule.drop_due() if delete else None
-        dropped = moved is not None
-        if moved is not None:  # it moved, to past the end
-            self.stats.add_moved(moved)
-        if keep and schedule.unsaved:
-            # The final state to keep: the end of fit waits for it.
-            num_batches = fit_loop.num_batches(self._epoch_iterator)
-            self._save(*schedule.position(num_batches, fit_ended=True))
-        schedule.drop_due()
-        saving.finish_fit(
-            self._store,
-            self._coordinator,
-            self._pipeline,
-            self._snapshotter,
-            self.stats,
-            delete=delete,
+        fit_end.complete(
+            schedule=self._schedule,
+            save=self._save,
+            num_batches=fit_loop.num_batches(self._epoch_iterator),
+            store=self._store,
+            coordinator=self._coordinator,
+            pipeline=self._pipeline,
+            snapshotter=self._snapshotter,
+            stats=self.stats,
+            delete_checkpoint=self.delete_checkpoint,
+            preempted=self._preempted,
             timeout=self.timeout,
+            fit_start=self._fit_start,
         )
-        kept = report.what_is_kept(
-            keep,
-            self._preempted,
-            dropped,
-            schedule.last_saved_step,
-            schedule.step,
-            self._store.directory,
-        )
-        writer = self._coordinator.is_chief or strategies.every_process_writes(self._coordinator)
-        seconds = time.monotonic() - self._fit_start
-        logger.info(report.end_message(self.stats, seconds, writer, kept))
         if self._preempted:
-            preemption.exit_preempted(schedule.step)
+            preemption.exit_preempted(self._schedule.step)
 
     def _undo_fit_hooks(self) -> None:
         """Undo what on_train_begin installed for this fit; runs once, by any exit path."""

@@ -189,33 +189,6 @@ def wait_for_earlier_fit(pipeline: save_pipeline.SavePipeline, timeout: float) -
         )
 
 
-def finish_fit(
-    store: BackupStore,
-    coordinator: strategies.Coordinator,
-    pipeline: save_pipeline.SavePipeline,
-    snapshotter: Snapshotter,
-    stats: report.SaveStats,
-    *,
-    delete: bool,
-    timeout: float,
-) -> None:
-    """The end of a completed `fit`, on all processes, after its last save was submitted.
-
-    Waits for the last backup to commit (the training thread is blocked, and
-    counted so), frees the snapshot's buffers, then, once every worker is done
-    with the backups, the chief deletes them when `delete` and unlocks `backup_dir`.
-    """
-    start = time.perf_counter()
-    pipeline.wait(timeout)  # fit returns only once the last backup is committed
-    stats.add_blocked(time.perf_counter() - start)
-    snapshotter.release()
-    coordinator.barrier("train-end", timeout)
-    if coordinator.is_chief:
-        if delete:
-            store.delete()
-        store.unlock()
-
-
 def attach_background_error(
     pipeline: save_pipeline.SavePipeline, ending: BaseException | None
 ) -> None:
