@@ -1,6 +1,6 @@
 """Host buffers a restore reads into, owned by the engine that takes them.
 
-Called by the restoring process (every process), from `ft.store.arrays`.
+Called by the restoring process (every process), from `ft.store.tensorstore_reads`.
 
 A restore reads every array into host memory and hands it to the engine. JAX
 on the CPU takes a 64-byte aligned numpy buffer as it is. TensorFlow copies a

@@ -48,7 +48,7 @@ from typing import Any
 
 from ft import errors
 from ft.metadata import BackupRecord
-from ft.store import array_checksums, posix_files, posix_lock, posix_removal
+from ft.store import array_checksums, posix_files, posix_lock, posix_removal, tensorstore_reads
 from ft.store import arrays as array_io
 from ft.store.base import (
     ARRAYS,
@@ -375,7 +375,9 @@ class PosixStore:
         record = self.verify(path)
         state = os.path.join(path, ARRAYS)
         try:
-            array_io.read_every({"driver": "file", "path": state + "/"}, record.array_crc32c)
+            tensorstore_reads.read_every(
+                {"driver": "file", "path": state + "/"}, record.array_crc32c
+            )
         except (OSError, ValueError) as e:
             raise self._corrupted(path, state, f"its arrays cannot be read ({e})") from e
         return record
